@@ -1,0 +1,112 @@
+"""Public attention functions. Each validates its arguments, picks a backend and returns outputs that
+are differentiable with respect to q, k and v."""
+
+from __future__ import annotations
+
+from . import torch_impl
+from .validate import (check_common, check_eps, check_qkv, check_reduce, check_slice, check_triton_shapes,
+                       resolve_backend)
+
+
+def _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask):
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected one of ('auto', 'triton', 'torch'), got {backend!r}")
+    check_qkv(q, k, v, backend)
+    backend = resolve_backend(backend, q)
+    if backend == "triton":
+        check_triton_shapes(q)
+    scale = check_common(q, causal, softmax_scale, key_padding_mask)
+    return backend, scale
+
+
+def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mask=None, backend="auto"):
+    """Attention output and log-sum-exp, without forming the L×L matrix.
+
+    Args:
+        q: (B, Hq, L, D) float16, bfloat16 or float32 (float64 on backend="torch").
+        k, v: (B, Hkv, L, D), same dtype and device as q, Hq % Hkv == 0 (grouped-query attention).
+        causal: key j is visible to query i only if j <= i.
+        softmax_scale: defaults to 1/sqrt(D).
+        key_padding_mask: (B, L) bool, True = real token; padded keys are never attended.
+        backend: "triton", "torch" or "auto" (Triton for CUDA tensors, torch otherwise).
+
+    Returns:
+        out (B, Hq, L, D) in q's dtype; lse (B, Hq, L) float32, natural log. A row with no visible key
+        gets out 0 and lse −inf. Both are differentiable with respect to q, k, v.
+
+    Memory kept for the backward: q, k, v, out and lse (Triton); q, k, v (torch, which recomputes).
+    """
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    if backend == "triton":
+        from .triton_impl import triton_attention
+        out, lse, _ = triton_attention(q, k, v, scale, causal, key_padding_mask, None, "flash")
+        return out, lse
+    return torch_impl.flash_forward(q, k, v, scale, causal, key_padding_mask)
+
+
+def attention_with_visual_slice(q, k, v, visual_start, visual_len, query_start, query_len, *, reduce="rows",
+                                row_weight=None, causal=True, softmax_scale=None, key_padding_mask=None,
+                                backend="auto"):
+    """Attention output plus the head-averaged attention of some query rows over the visual keys.
+
+    The slice is a[b, i, j] = (1/Hq) Σ_h P_h[query_start[b] + i, visual_start[b] + j], where P_h is
+    head h's softmax(q kᵀ · scale) with the causal and padding masks applied.
+
+    Args:
+        q, k, v, causal, softmax_scale, key_padding_mask, backend: as in `flash_attention`.
+        visual_start, query_start: (B,) integer tensors, per-sample offsets of the visual keys and of
+            the query rows.
+        visual_len, query_len: ints >= 1; start + len must lie in [0, L] for every sample.
+        reduce: "rows" returns the slice (B, query_len, visual_len); "mean" returns its row_weight-
+            weighted mean over rows (B, visual_len), 0 for a sample whose weights sum to 0.
+        row_weight: (B, query_len) non-negative weights for reduce="mean" (uniform if None); ignored
+            by reduce="rows".
+
+    Returns:
+        out (B, Hq, L, D) in q's dtype; slc float32. Both differentiable with respect to q, k, v.
+
+    Memory kept for the backward: q, k, v, out, lse and the offsets (Triton); the slice gradient
+    (B, query_len, visual_len) float32 exists only inside the backward.
+    """
+    reduce = check_reduce(reduce)
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight)
+    if backend == "triton":
+        from .triton_impl import triton_attention
+        out, _, slc = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, reduce)
+        return out, slc
+    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, reduce)
+
+
+def attention_with_alignment(q, k, v, teacher_slice, visual_start, visual_len, query_start, query_len, *,
+                             row_weight=None, eps=1e-8, causal=True, softmax_scale=None, key_padding_mask=None,
+                             backend="auto"):
+    """Attention output plus the cosine alignment loss of the student's visual slice to the teacher's.
+
+    loss = Σ_{b,i} w[b,i] · (1 − cos(a[b,i,:], teacher_slice[b,i,:])) / Σ w, with a the head-mean
+    visual slice of `attention_with_visual_slice` and cos exactly as
+    torch.nn.functional.cosine_similarity(..., dim=-1, eps=eps). The loss is 0 if Σ w = 0.
+
+    Args:
+        teacher_slice: (B, query_len, visual_len) floating point, finite; no gradient flows into it.
+        row_weight: (B, query_len) non-negative weights (uniform if None).
+        eps: cosine epsilon, > 0.
+        Everything else as in `attention_with_visual_slice`.
+
+    Returns:
+        out (B, Hq, L, D) in q's dtype; loss, a 0-dim float32 tensor. Both differentiable w.r.t. q, k, v.
+
+    Memory kept for the backward (Triton): q, k, v, out, lse, the teacher slice and four floats per
+    slice row; the student slice is never written. The slice gradient (B, query_len, visual_len) float32
+    exists only inside the backward.
+    """
+    eps = check_eps(eps)
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice)
+    teacher_slice = teacher_slice.detach()
+    if backend == "triton":
+        from .triton_impl import triton_attention
+        out, _, loss = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, "align", teacher_slice, eps)
+        return out, loss
+    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, "align",
+                                           teacher_slice, eps)

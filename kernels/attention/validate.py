@@ -1,0 +1,200 @@
+"""Up-front argument checks shared by both backends. Every rejection is a ValueError that names the
+argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_ONLY_DTYPES = (torch.float64,)  # the torch path also takes float64, for gradcheck
+MAX_TRITON_HEAD_DIM = 256
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass
+class SliceSpec:
+    """Where the visual slice lives: rows query_start[b] + [0, query_len), columns visual_start[b] + [0, visual_len)."""
+
+    visual_start: torch.Tensor  # (B,) int32 on the device of q
+    visual_len: int
+    query_start: torch.Tensor  # (B,) int32 on the device of q
+    query_len: int
+    row_weight: Optional[torch.Tensor]  # (B, query_len) float32, or None for uniform
+
+
+def _fail(name, expected, got):
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return repr(t)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_qkv(q, k, v, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            _fail(name, "a 4-D tensor (B, H, L, D)", _describe(t))
+    on_torch = backend == "torch" or (backend == "auto" and not (q.is_cuda and triton_available()))
+    allowed = ATTN_DTYPES + (TORCH_ONLY_DTYPES if on_torch else ())
+    if q.dtype not in allowed:
+        _fail("q", f"dtype in {[str(d) for d in allowed]} for backend={backend!r}", q.dtype)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(name, f"the dtype of q ({q.dtype})", t.dtype)
+        if t.device != q.device:
+            _fail(name, f"the device of q ({q.device})", t.device)
+    B, Hq, L, D = q.shape
+    if B < 1 or Hq < 1 or L < 1 or D < 1:
+        _fail("q", "non-empty dimensions (B, Hq, L, D) >= 1", _describe(q))
+    if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+        _fail("k", f"shape (B={B}, Hkv, L={L}, D={D}) matching q", _describe(k))
+    if v.shape != k.shape:
+        _fail("v", f"the shape of k {tuple(k.shape)}", _describe(v))
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv != 0:
+        _fail("k", f"a head count Hkv that divides Hq={Hq} (grouped-query attention)", Hkv)
+
+
+def check_common(q, causal, softmax_scale, key_padding_mask):
+    if not isinstance(causal, bool):
+        _fail("causal", "a bool", repr(causal))
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+                or not math.isfinite(float(softmax_scale)) or float(softmax_scale) <= 0:
+            _fail("softmax_scale", "None or a finite positive number", repr(softmax_scale))
+    if key_padding_mask is not None:
+        B, _, L, _ = q.shape
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            _fail("key_padding_mask", "a bool tensor (B, L), True = real token", _describe(key_padding_mask))
+        if tuple(key_padding_mask.shape) != (B, L):
+            _fail("key_padding_mask", f"shape (B, L) = {(B, L)}", _describe(key_padding_mask))
+        if key_padding_mask.device != q.device:
+            _fail("key_padding_mask", f"the device of q ({q.device})", key_padding_mask.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return scale
+
+
+def resolve_backend(backend, q):
+    if backend not in BACKENDS:
+        _fail("backend", f"one of {BACKENDS}", repr(backend))
+    if backend == "auto":
+        return "triton" if q.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton': the triton package is not installed; use backend='torch'")
+        if not q.is_cuda and not interpreting():
+            raise ValueError(
+                f"backend='triton': expected CUDA tensors, got tensors on {q.device}; Triton runs CPU "
+                "tensors only in its interpreter (set TRITON_INTERPRET=1 before importing "
+                "compodistill_kernels), or use backend='torch'"
+            )
+    return backend
+
+
+def check_triton_shapes(q):
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        _fail("q", f"head dim D <= {MAX_TRITON_HEAD_DIM} for backend='triton'", q.shape[-1])
+
+
+def _as_length(name, value, L):
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(name, "an int", repr(value))
+    value = int(value)
+    if not 1 <= value <= L:
+        _fail(name, f"an int in [1, L={L}]", value)
+    return value
+
+
+def _as_offsets(name, value, B, device):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = torch.full((B,), int(value), dtype=torch.int64)
+    elif isinstance(value, (list, tuple)):
+        value = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor):
+        _fail(name, "a (B,) integer tensor", type(value).__name__)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        _fail(name, "an integer tensor", value.dtype)
+    if tuple(value.shape) != (B,):
+        _fail(name, f"shape (B,) = ({B},)", _describe(value))
+    return value.to(device=device, dtype=torch.int32)
+
+
+def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice=None):
+    """Validate the slice arguments; returns a SliceSpec with device tensors. One host sync checks all
+    the value ranges together."""
+    B, _, L, _ = q.shape
+    visual_len = _as_length("visual_len", visual_len, L)
+    query_len = _as_length("query_len", query_len, L)
+    vs = _as_offsets("visual_start", visual_start, B, q.device)
+    qs = _as_offsets("query_start", query_start, B, q.device)
+    checks = [vs.min(), (vs + visual_len).max(), qs.min(), (qs + query_len).max()]
+    if row_weight is not None:
+        if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
+            _fail("row_weight", "a floating-point tensor (B, query_len)", _describe(row_weight))
+        if tuple(row_weight.shape) != (B, query_len):
+            _fail("row_weight", f"shape (B, query_len) = {(B, query_len)}", _describe(row_weight))
+        if row_weight.device != q.device:
+            _fail("row_weight", f"the device of q ({q.device})", row_weight.device)
+        row_weight = row_weight.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        checks.append(torch.where(torch.isfinite(row_weight), row_weight, -1.0).min())
+    if teacher_slice is not None:
+        if not isinstance(teacher_slice, torch.Tensor) or not teacher_slice.is_floating_point():
+            _fail("teacher_slice", "a floating-point tensor (B, query_len, visual_len)", _describe(teacher_slice))
+        if tuple(teacher_slice.shape) != (B, query_len, visual_len):
+            _fail("teacher_slice", f"shape (B, query_len, visual_len) = {(B, query_len, visual_len)}",
+                  _describe(teacher_slice))
+        if teacher_slice.device != q.device:
+            _fail("teacher_slice", f"the device of q ({q.device})", teacher_slice.device)
+        checks.append(torch.isfinite(teacher_slice).all().to(torch.float64))
+    values = torch.stack([c.to(torch.float64) for c in checks]).tolist()
+    if values[0] < 0 or values[1] > L:
+        _fail("visual_start", f"visual_start + [0, visual_len={visual_len}) inside [0, L={L}] for every sample",
+              vs.tolist())
+    if values[2] < 0 or values[3] > L:
+        _fail("query_start", f"query_start + [0, query_len={query_len}) inside [0, L={L}] for every sample",
+              qs.tolist())
+    rest = values[4:]
+    if row_weight is not None:
+        if rest.pop(0) < 0:
+            _fail("row_weight", "finite, non-negative weights", "a negative or non-finite weight")
+    if teacher_slice is not None and rest.pop(0) < 1:
+        _fail("teacher_slice", "finite values", "NaN or inf")
+    return SliceSpec(vs, visual_len, qs, query_len, row_weight)
+
+
+def check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or eps <= 0:
+        _fail("eps", "a finite positive number", repr(eps))
+    return float(eps)
+
+
+def check_reduce(reduce):
+    if reduce not in ("rows", "mean"):
+        _fail("reduce", "'rows' or 'mean'", repr(reduce))
+    return reduce
