@@ -1,0 +1,379 @@
+"""Triton kernels: flash attention forward/backward with the visual-slice terms folded in.
+
+Notation (DESIGN.md §2): P_h = exp(S_h − lse_h), S_h = q kᵀ · scale; the head-mean visual slice is
+a[b, i, j] = (1/H) Σ_h P_h[qs_b + i, vs_b + j]; G = ∂L/∂a. Scores are kept in base 2: qk_scale =
+scale · log2(e) and lse2 = lse · log2(e), so P = exp2(q·k · qk_scale − lse2).
+
+Every kernel takes contiguous (B, H, L, D) tensors; per-sample offsets vs_b, qs_b come from memory.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+                     stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
+                     H, GROUP, L, D, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_base = b * stride_qb + h * stride_qh
+    kv_base = b * stride_kb + (h // GROUP) * stride_kh
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        valid = n_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            key_real = tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0)
+            valid = valid & (key_real[None, :] != 0)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no allowed key yet keeps m = −inf; shift by 0 instead so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    # natural-log lse = ln2 · (m + log2 l); −inf for a row with no allowed key
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    m_ok = offs_m < L
+    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok, valid,
+                           offs_d, D, L, qk_scale, head, GROUP,
+                           stride_qh, stride_kh, PRECISION: tl.constexpr):
+    """P_h[rows, visual cols] for one head h (BLOCK_M, BLOCK_N), 0 outside `valid` and on rows with lse = −inf."""
+    d_ok = offs_d < D
+    q = tl.load(Q + q_base + head * stride_qh + pos_m[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kt = tl.load(K + k_base + (head // GROUP) * stride_kh + pos_n[None, :] * D + offs_d[:, None],
+                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + lse_base + head * L + pos_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
+    return tl.where(valid & (lse2[:, None] > float("-inf")), tl.exp2(s), 0.0)
+
+
+@triton.jit
+def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
+                      stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
+                      H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
+                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head-mean visual slice for a block of slice rows, over the visual key tiles only.
+
+    MODE 0: write the slice (B, Lq, Nv). MODE 1: write Σ_rows w·a per row block into PART
+    (B, n_row_blocks, Nv). MODE 2: write per-row a·t, |a|², |t|² into STATS (B, Lq, 3); a is never stored.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    vs = tl.load(VS + b)
+    qs = tl.load(QS + b)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < Lq
+    pos_m = qs + offs_r
+    q_base = b * stride_qb
+    k_base = b * stride_kb
+    lse_base = b * H * L
+    if MODE == 1:
+        w = tl.load(W + b * Lq + offs_r, mask=row_ok, other=0.0)
+    if MODE == 2:
+        a_dot_t = tl.zeros([BLOCK_M], tl.float32)
+        a_sq = tl.zeros([BLOCK_M], tl.float32)
+        t_sq = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, Nv, BLOCK_N):
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_c < Nv
+        pos_n = vs + offs_c
+        valid = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (pos_n[None, :] <= pos_m[:, None])
+        if HAS_MASK:
+            key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
+            valid = valid & (key_real[None, :] != 0)
+        a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for head in range(0, H):
+            a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
+                                        valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                        PRECISION)
+        a = a * inv_h
+        tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if MODE == 0:
+            tl.store(SLC + tile, a, mask=tile_ok)
+        if MODE == 1:
+            tl.store(PART + (b * tl.num_programs(0) + pid_m) * Nv + offs_c, tl.sum(a * w[:, None], 0), mask=col_ok)
+        if MODE == 2:
+            t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            a_dot_t += tl.sum(a * t, 1)
+            a_sq += tl.sum(a * a, 1)
+            t_sq += tl.sum(t * t, 1)
+    if MODE == 2:
+        stats = STATS + (b * Lq + offs_r) * 3
+        tl.store(stats, a_dot_t, mask=row_ok)
+        tl.store(stats + 1, a_sq, mask=row_ok)
+        tl.store(stats + 2, t_sq, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D,
+                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Δ = rowsum(dO ∘ O) − dlse: the lse output's gradient enters dS = P·(dP − Δ) through Δ."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    mask = m_ok[:, None] & (offs_d[None, :] < D)
+    ptr = bh * L * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, G, DELTA,
+                      stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
+                      H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
+                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Writes G/H = (∂L/∂a)/H (B, Lq, Nv) and adds (1/H) Σ_j P_h[i, j] G[i, j] to Δ_h[i] for every head.
+
+    MODE 0: G = GIN (the slice's gradient). MODE 1 (mean): G[i, j] = ROWC1[i] · COLV[j].
+    MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a tile by tile.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    vs = tl.load(VS + b)
+    qs = tl.load(QS + b)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < Lq
+    pos_m = qs + offs_r
+    q_base = b * stride_qb
+    k_base = b * stride_kb
+    lse_base = b * H * L
+    if MODE != 0:
+        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
+    if MODE == 2:
+        c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=row_ok, other=0.0)
+
+    for c0 in range(0, Nv, BLOCK_N):
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_c < Nv
+        tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if MODE == 0:
+            g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        if MODE == 1:
+            colv = tl.load(COLV + b * Nv + offs_c, mask=col_ok, other=0.0)
+            g = c1[:, None] * colv[None, :]
+        if MODE == 2:
+            pos_n = vs + offs_c
+            valid = tile_ok
+            if CAUSAL:
+                valid = valid & (pos_n[None, :] <= pos_m[:, None])
+            if HAS_MASK:
+                key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
+                valid = valid & (key_real[None, :] != 0)
+            a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for head in range(0, H):
+                a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
+                                            valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                            PRECISION)
+            t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            g = c1[:, None] * t + c2[:, None] * (a * inv_h)
+        tl.store(G + tile, g * inv_h, mask=tile_ok)
+    # the tiles of G written above are read back by other threads of this program
+    tl.debug_barrier()
+
+    for head in range(0, H):
+        dg = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, Nv, BLOCK_N):
+            offs_c = c0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_c < Nv
+            pos_n = vs + offs_c
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            valid = tile_ok
+            if CAUSAL:
+                valid = valid & (pos_n[None, :] <= pos_m[:, None])
+            if HAS_MASK:
+                key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
+                valid = valid & (key_real[None, :] != 0)
+            p = _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
+                                       valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                       PRECISION)
+            g = tl.load(G + b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :], mask=tile_ok, other=0.0)
+            dg += tl.sum(p * g, 1)
+        delta_ptr = DELTA + lse_base + head * L + pos_m
+        tl.store(delta_ptr, tl.load(delta_ptr, mask=row_ok, other=0.0) + dg, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
+                          H, HKV, GROUP, L, D, Lq, Nv, qk_scale, sm_scale,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
+                          PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV for one key tile of one kv head, summed over its GROUP query heads (no atomics).
+
+    dV = Σ Pᵀ dO;  dS = P · (dO·Vᵀ + G/H − Δ);  dK = scale · Σ dSᵀ Q.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HKV
+    hk = bh % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < L
+    d_ok = offs_d < D
+    kv_base = b * stride_kb + hk * stride_kh
+    k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    key_ok = n_ok
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
+    if HAS_G:
+        vs = tl.load(VS + b)
+        qs = tl.load(QS + b)
+        col = offs_n - vs
+        col_ok = (col >= 0) & (col < Nv)
+        tile_visual = (pid_n * BLOCK_N < vs + Nv) & (pid_n * BLOCK_N + BLOCK_N > vs)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = b * stride_qb + h * stride_qh
+        row_base = (b * H + h) * L
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < L
+            q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            # transposed tiles: rows are keys, columns are queries
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
+            valid = key_ok[:, None] & m_ok[None, :] & (lse2[None, :] > float("-inf"))
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            pt = tl.where(valid, tl.exp2(st), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HAS_G:
+                if tile_visual & (start_m < qs + Lq) & (start_m + BLOCK_M > qs):
+                    row = offs_m - qs
+                    g_ok = col_ok[:, None] & ((row >= 0) & (row < Lq))[None, :]
+                    dpt += tl.load(G + b * Lq * Nv + row[None, :] * Nv + col[:, None], mask=g_ok, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    out_mask = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + kv_base + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=out_mask)
+    tl.store(DV + kv_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
+                        H, GROUP, L, D, Lq, Nv, qk_scale, sm_scale,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
+                        PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ = scale · Σ_j dS K for one query tile of one head; dS = P · (dO·Vᵀ + G/H − Δ)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    d_ok = offs_d < D
+    q_base = b * stride_qb + h * stride_qh
+    kv_base = b * stride_kb + (h // GROUP) * stride_kh
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
+    row_live = m_ok & (lse2 > float("-inf"))
+    if HAS_G:
+        vs = tl.load(VS + b)
+        qs = tl.load(QS + b)
+        row = offs_m - qs
+        row_in = (row >= 0) & (row < Lq)
+        rows_slice = (pid_m * BLOCK_M < qs + Lq) & (pid_m * BLOCK_M + BLOCK_M > qs)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        vt = tl.load(V + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
+        valid = row_live[:, None] & n_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            valid = valid & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)[None, :]
+        p = tl.where(valid, tl.exp2(s), 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_G:
+            if rows_slice & (start_n < vs + Nv) & (start_n + BLOCK_N > vs):
+                col = offs_n - vs
+                g_ok = row_in[:, None] & ((col >= 0) & (col < Nv))[None, :]
+                dp += tl.load(G + b * Lq * Nv + row[:, None] * Nv + col[None, :], mask=g_ok, other=0.0)
+        ds = p * (dp - delta[:, None])
+        # kᵀ is loaded as (D, N); dQ needs K (N, D)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    tl.store(DQ + q_base + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
