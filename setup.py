@@ -1,14 +1,26 @@
-from setuptools import setup
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# Two import packages: `compodistill` (the library) and `compodistill_kernels`, which lives in the
+# top-level folder `kernels/` (not importable as `kernels`: that name belongs to Hugging Face's
+# `kernels` distribution, which transformers probes for).
+kernel_packages = ["compodistill_kernels"] + [
+    "compodistill_kernels." + p for p in find_packages("kernels")
+]
+library_packages = find_packages(include=["compodistill", "compodistill.*"])
 
 setup(
     name="compodistill",
     version="0.1.0",
     description="CompoDistill: attention distillation for compositional reasoning in multimodal LLMs, "
     "with fused Triton attention-alignment kernels",
-    packages=["compodistill", "compodistill_kernels", "compodistill_kernels.attention"],
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=library_packages + kernel_packages,
     package_dir={"compodistill": "compodistill", "compodistill_kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "triton>=3.0", "numpy"],
+    install_requires=["torch>=2.1", "triton>=3.0", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         "bench": ["xformers"],
