@@ -114,7 +114,10 @@ def slice_fwd(q, k, lse, scale, causal, mask, spec, mode, weight=None, teacher=N
 
 
 def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slice_grad=None):
-    """dq, dk, dv. slice_grad = (mode, gin, rowc1, rowc2, colv, teacher) adds the slice's gradient G."""
+    """dq, dk, dv from the output's gradient dout and the lse's gradient dlse (both as produced by autograd).
+
+    slice_grad = (mode, gin, rowc1, rowc2, colv, teacher) adds the slice's gradient G (see _slice_bwd_kernel).
+    """
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     dout = dout.contiguous()
@@ -124,8 +127,7 @@ def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slic
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     pre_m = 64
     tk._bwd_preprocess_kernel[(triton.cdiv(L, pre_m), B * H)](
-        out, dout, dlse if dlse is not None else delta, delta, L, D,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=bd)
+        out, dout, dlse, delta, L, D, BLOCK_M=pre_m, BLOCK_D=bd)
 
     f32 = dict(device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)

@@ -10,8 +10,9 @@ Every kernel takes contiguous (B, H, L, D) tensors; per-sample offsets vs_b, qs_
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: qk_scale = scale * LOG2E
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     # natural-log lse = ln2 · (m + log2 l); −inf for a row with no allowed key
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     m_ok = offs_m < L
     tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -83,7 +84,7 @@ def _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, ro
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     kt = tl.load(K + k_base + (head // GROUP) * stride_kh + pos_n[None, :] * D + offs_d[:, None],
                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + lse_base + head * L + pos_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + lse_base + head * L + pos_m, mask=row_ok, other=float("-inf")) * _LOG2E
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
     return tl.where(valid & (lse2[:, None] > float("-inf")), tl.exp2(s), 0.0)
 
@@ -152,8 +153,7 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D,
-                           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Δ = rowsum(dO ∘ O) − dlse: the lse output's gradient enters dS = P·(dP − Δ) through Δ."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -164,9 +164,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D,
     ptr = bh * L * D + offs_m[:, None] * D + offs_d[None, :]
     o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0)
+    delta = tl.sum(o * do, 1) - tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0)
     tl.store(DELTA + bh * L + offs_m, delta, mask=m_ok)
 
 
@@ -296,7 +294,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
                         other=0.0)
             do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
                          other=0.0)
-            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("-inf")) * _LOG2E
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             # transposed tiles: rows are keys, columns are queries
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
@@ -339,7 +337,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
     kv_base = b * stride_kb + (h // GROUP) * stride_kh
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("-inf")) * _LOG2E
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
     row_live = m_ok & (lse2 > float("-inf"))
     if HAS_G:
