@@ -11,6 +11,7 @@ The recipe, for one function and one case:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -136,6 +137,28 @@ def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float, allo
                              f"dtype {x.dtype})")
 
 
+@contextlib.contextmanager
+def poisoned_empty():
+    """Within the block, torch.empty / torch.empty_like return NaN-filled floating tensors and
+    max-filled integer tensors, so an output or scratch buffer that a kernel leaves partly unwritten,
+    or reads before writing, shows up as NaN or a wrong value instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool and not t.is_complex():
+            t.fill_(torch.iinfo(t.dtype).max)
+        return t
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cases and inputs
 # ---------------------------------------------------------------------------------------------------
@@ -188,6 +211,8 @@ class Case:
             parts.append(f"w-{self.weight}")
         if self.teacher != "random":
             parts.append(f"teacher-{self.teacher}")
+        if self.eps != 1e-8:
+            parts.append(f"eps{self.eps:g}")
         return "-".join(parts)
 
 
@@ -313,12 +338,14 @@ def upstream(kind: str, inp: Inputs):
 
 
 def forward_backward(kind: str, case: Case, inp: Inputs, backend: Optional[str], dtype=None):
-    """Forward and backward on fresh leaves; returns ({name: output}, {dq, dk, dv})."""
+    """Forward and backward on fresh leaves; returns ({name: output}, {dq, dk, dv}). Kernel runs (backend
+    not None) allocate under poisoned_empty()."""
     dtype = torch.float64 if backend is None else dtype
     leaves = [t.detach().to(dtype).requires_grad_() for t in (inp.q, inp.k, inp.v)]
-    outs = call(kind, case, inp, *leaves, backend)
-    grads = upstream(kind, inp)
-    torch.autograd.backward(list(outs), [g.to(device=o.device, dtype=o.dtype) for o, g in zip(outs, grads)])
+    grads = [g.to(device=inp.q.device) for g in upstream(kind, inp)]
+    with poisoned_empty() if backend is not None else contextlib.nullcontext():
+        outs = call(kind, case, inp, *leaves, backend)
+        torch.autograd.backward(list(outs), [g.to(dtype=o.dtype) for o, g in zip(outs, grads)])
     for name, leaf in zip("qkv", leaves):
         assert leaf.grad is not None, f"d{name}: no gradient reached {name}"
     named = dict(zip(OUTPUT_NAMES[kind], (o.detach() for o in outs)))

@@ -50,6 +50,11 @@ SLICE_CASES = [
     Case(**S13, causal=False, vs=(0, 5), vl=8, qs=(2, 0), ql=6, weight="random"),
 ]
 
+# The alignment also with a large eps, where cosine_similarity clamps |a| (torch still passes the norm's
+# gradient a/|a| through the clamp; the kernels must match that exactly).
+ALIGN_CASES = SLICE_CASES + [Case(**S37, causal=True, pad=(3, 0), vs=(4, 9), vl=12, qs=(20, 14), ql=10,
+                                  weight="random", eps=0.5)]
+
 
 @pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
@@ -64,7 +69,34 @@ def test_attention_with_visual_slice(backend, dtype, reduce, case, gen):
     check_against_reference(f"slice_{reduce}", case, backend, dtype, DEVICE, gen)
 
 
-@pytest.mark.parametrize("case", SLICE_CASES, ids=lambda c: c.slice_id)
+@pytest.mark.parametrize("case", ALIGN_CASES, ids=lambda c: c.slice_id)
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_attention_with_alignment(backend, dtype, case, gen):
     check_against_reference("align", case, backend, dtype, DEVICE, gen)
+
+
+# Small tiles make short sequences span several tiles, so the multi-tile loops, the causal diagonal
+# tiles, ragged last tiles and visual/slice ranges straddling tile borders all run under the interpreter.
+TILE_CASES = [
+    Case(**S37, causal=True, pad=(0, 6), vs=(4, 9), vl=12, qs=(20, 14), ql=10, weight="random"),
+    Case(**S50, causal=False, pad=(5, 0), vs=(8, 12), vl=20, qs=(30, 35), ql=15, weight="random"),
+]
+
+
+TILE_PARAMS = [
+    pytest.param(dtype, bm, bn, case, id=f"{DTYPE_NAMES[dtype]}-tiles{bm}x{bn}-{case.slice_id}")
+    for dtype, bm, bn, case in [
+        (torch.float32, 16, 16, TILE_CASES[0]), (torch.float16, 16, 16, TILE_CASES[0]),
+        (torch.float32, 16, 16, TILE_CASES[1]), (torch.float16, 16, 16, TILE_CASES[1]),
+        (torch.float32, 16, 32, TILE_CASES[0]), (torch.float16, 32, 16, TILE_CASES[0]),  # BLOCK_M != BLOCK_N
+    ]
+]
+
+
+@pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)
+@pytest.mark.parametrize("dtype, block_m, block_n, case", TILE_PARAMS)
+def test_triton_small_tiles(dtype, block_m, block_n, case, gen):
+    from compodistill_kernels.attention.triton_impl import block_size_override
+    with block_size_override(block_m, block_n):
+        for kind in ("flash", "slice_rows", "slice_mean", "align"):
+            check_against_reference(kind, case, "triton", dtype, DEVICE, gen)

@@ -118,6 +118,9 @@ def test_one_sample_with_zero_row_weights(backend, dtype, gen):
     assert torch.all(slc[1].sum() > 0)
 
 
+# The interpreter warns when exp2 overflows on masked-out (future) scores; those lanes are discarded by
+# tl.where, and the results are checked below.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_large_logits(backend, dtype, gen):
     # Scores around ±100: near one-hot rows must not overflow exp() in any pass.
     case = Case(**SHAPE, causal=True, q_mult=25.0, vs=(2, 4), vl=8, qs=(12, 10), ql=10, weight="random")
