@@ -54,20 +54,24 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 # Tolerances: one table. Relative errors ‖x − ref‖ / ‖ref‖ against the float64 reference computed from
 # the same inputs already rounded to the test dtype, so the table measures the kernel's arithmetic only.
 #   float64 (torch path only): exact up to summation order.
-#   float32: IEEE fp32 on the CPU (torch, and Triton's interpreter, which runs numpy). On CUDA, tl.dot
-#            may use TF32 (10-bit mantissa, like fp16), so CUDA fp32 uses the "float32-cuda" row.
-#   float16: P and dS are rounded to fp16 before the second matmuls; out and grads are stored in fp16.
-#   bfloat16 (CUDA for Triton; the torch path also runs it on CPU): 8-bit mantissa.
-# lse is a log (values ~ log L) computed with fp32 accumulation: tighter than out. slc and loss are
-# formed in fp32 from fp32 scores. "grad" is for dq, dk, dv.
+#   float32: IEEE fp32 on the CPU (torch, and Triton's interpreter, which runs numpy). The kernels use
+#            input_precision="ieee" for fp32, not TF32; on CUDA ex2.approx and L ~ 1000 sums cost a
+#            little more ("float32-cuda").
+#   float16 / bfloat16: P and dS are rounded to the input dtype before the second matmuls, and out and
+#            the grads are stored in it (fp16 10-bit, bf16 7-bit mantissa). bf16 Triton runs only on
+#            CUDA (the interpreter has no bf16); the torch path runs it anywhere.
+#   lse, slc and loss are formed in fp32 from fp32 scores of the rounded inputs, whatever the dtype.
+# Measured worst cases, for scale (test_attention.py under the interpreter / test_cuda.py on an H100):
+#   fp32 all ~4e-7 / out 2e-6, grads 8e-6, slc 4e-6;  fp16 out 3e-4, grads 4e-4 / 9e-4, lse, slc,
+#   loss < 5e-6;  bf16 (H100) out 2e-3, grads 6e-3, lse, slc, loss < 5e-6.
 # ---------------------------------------------------------------------------------------------------
 TOLERANCES = {
-    #                  out     lse     slc     loss    grad
+    #                  out     lse     slc     loss    grad (dq, dk, dv)
     "float64":       (1e-10, 1e-10, 1e-10, 1e-10, 1e-10),
     "float32":       (1e-5, 1e-5, 1e-5, 1e-5, 1e-5),
-    "float32-cuda":  (2e-3, 1e-3, 2e-3, 2e-3, 5e-3),
-    "float16":       (5e-3, 1e-3, 5e-3, 5e-3, 1e-2),
-    "bfloat16":      (2e-2, 5e-3, 2e-2, 2e-2, 3e-2),
+    "float32-cuda":  (5e-5, 1e-5, 5e-5, 5e-5, 1e-4),
+    "float16":       (5e-3, 1e-4, 1e-4, 1e-4, 1e-2),
+    "bfloat16":      (2e-2, 1e-4, 1e-4, 1e-4, 3e-2),
 }
 _TOL_FIELDS = ("out", "lse", "slc", "loss", "grad")
 
@@ -75,7 +79,7 @@ _TOL_FIELDS = ("out", "lse", "slc", "loss", "grad")
 def tolerance(dtype: torch.dtype, device="cpu", backend="torch") -> dict:
     """Per-quantity tolerances for results computed in `dtype` on `device` by `backend`."""
     name = str(dtype).replace("torch.", "")
-    if name == "float32" and backend == "triton" and torch.device(device).type == "cuda":
+    if name == "float32" and torch.device(device).type == "cuda":
         name = "float32-cuda"
     return dict(zip(_TOL_FIELDS, TOLERANCES[name]))
 
@@ -145,10 +149,13 @@ def poisoned_empty():
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool and not t.is_complex():
-            t.fill_(torch.iinfo(t.dtype).max)
+        if t.requires_grad:  # a leaf made by library code (e.g. checkpoint's dummy), not an output buffer
+            return t
+        with torch.no_grad():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype != torch.bool and not t.is_complex():
+                t.fill_(torch.iinfo(t.dtype).max)
         return t
 
     torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
