@@ -93,17 +93,18 @@ def attn_fwd(q, k, v, scale, causal, mask):
 
 
 def slice_fwd(q, k, lse, scale, causal, mask, spec, mode, weight=None, teacher=None):
-    """mode 0: slice (B, Lq, Nv); 1: per-row-block Σ w·a partials (B, n_blocks, Nv); 2: stats (B, Lq, 3)."""
+    """mode 0: slice (B, Lq, Nv); 1: per-row-tile Σ w·a partials (B, n_row_tiles, Nv); 2: per-column-tile
+    partial row stats a·t, |a|², |t|² (B, n_col_tiles, Lq, 3)."""
     B, H, L, D = q.shape
     Lq, Nv = spec.query_len, spec.visual_len
     bm, bn, bd, warps, stages = launch_config("slice", q.dtype, D)
-    n_blocks = triton.cdiv(Lq, bm)
+    grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
     f32 = dict(device=q.device, dtype=torch.float32)
-    out = {0: lambda: torch.empty(B, Lq, Nv, **f32), 1: lambda: torch.empty(B, n_blocks, Nv, **f32),
-           2: lambda: torch.empty(B, Lq, 3, **f32)}[mode]()
+    shape = {0: (B, Lq, Nv), 1: (B, grid[0], Nv), 2: (B, grid[1], Lq, 3)}[mode]
+    out = torch.empty(shape, **f32)
     dummy = torch.empty(1, **f32)
     kpm, mask_stride = _mask_arg(q, mask)
-    tk._slice_fwd_kernel[(n_blocks, B)](
+    tk._slice_fwd_kernel[grid](
         q, k, lse, kpm, spec.visual_start, spec.query_start,
         weight if weight is not None else dummy, teacher if teacher is not None else dummy,
         out if mode == 0 else dummy, out if mode == 1 else dummy, out if mode == 2 else dummy,
@@ -138,12 +139,17 @@ def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slic
         Lq, Nv = spec.query_len, spec.visual_len
         g = torch.empty(B, Lq, Nv, **f32)
         bm, bn, bd, warps, stages = launch_config("slice", q.dtype, D)
-        tk._slice_bwd_kernel[(triton.cdiv(Lq, bm), B)](
+        grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
+        dg_part = torch.empty(B, H, grid[1], Lq, **f32)
+        tk._slice_bwd_kernel[grid](
             q, k, lse, kpm, spec.visual_start, spec.query_start,
-            *(x if x is not None else dummy for x in (gin, rowc1, rowc2, colv, teacher)), g, delta,
+            *(x if x is not None else dummy for x in (gin, rowc1, rowc2, colv, teacher)), g, dg_part,
             *strides, H, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, 1.0 / H,
             CAUSAL=causal, HAS_MASK=mask is not None, MODE=mode, PRECISION=precision_for(q.dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        # Δ_h[qs_b + i] += (1/H) Σ_j P_h[i, j] G[i, j], summed over the column tiles in a fixed order
+        rows = (spec.query_start.long()[:, None] + torch.arange(Lq, device=q.device))[:, None, :].expand(B, H, Lq)
+        delta.scatter_add_(2, rows, dg_part.sum(dim=2))
     has_g = g is not None
     vs = spec.visual_start if has_g else dummy_i
     qs = spec.query_start if has_g else dummy_i
@@ -189,7 +195,7 @@ class _FusedAttention(torch.autograd.Function):
             aux = _safe_div(part.sum(dim=1), weight.sum(dim=1, keepdim=True))
         elif mode == "align":
             teacher = teacher.contiguous()
-            stats = slice_fwd(q, k, lse, scale, causal, mask, spec, 2, teacher=teacher)
+            stats = slice_fwd(q, k, lse, scale, causal, mask, spec, 2, teacher=teacher).sum(dim=1)
             cos = stats[..., 0] / (stats[..., 1].sqrt().clamp_min(eps) * stats[..., 2].sqrt().clamp_min(eps))
             aux = _safe_div((weight * (1.0 - cos)).sum(), weight.sum())
         ctx.save_for_backward(q, k, v, out, lse, mask, weight, teacher if mode == "align" else None, stats)

@@ -90,66 +90,63 @@ def _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, ro
 
 
 @triton.jit
+def _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL: tl.constexpr,
+                       HAS_MASK: tl.constexpr):
+    """Which (slice row, visual column) pairs may attend: in range, causal, key not padded."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (pos_n[None, :] <= pos_m[:, None])
+    if HAS_MASK:
+        key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
+        valid = valid & (key_real[None, :] != 0)
+    return valid
+
+
+@triton.jit
 def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
                       PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Head-mean visual slice for a block of slice rows, over the visual key tiles only.
+    """Head-mean visual slice a for one (slice-row tile, visual-column tile), over all heads.
 
-    MODE 0: write the slice (B, Lq, Nv). MODE 1: write Σ_rows w·a per row block into PART
-    (B, n_row_blocks, Nv). MODE 2: write per-row a·t, |a|², |t|² into STATS (B, Lq, 3); a is never stored.
+    MODE 0: write a into SLC (B, Lq, Nv). MODE 1: write Σ_rows w·a into PART (B, n_row_tiles, Nv).
+    MODE 2: write this column tile's share of a·t, |a|², |t|² into STATS (B, n_col_tiles, Lq, 3);
+    a itself is never stored.
     """
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     vs = tl.load(VS + b)
     qs = tl.load(QS + b)
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_r < Lq
+    col_ok = offs_c < Nv
     pos_m = qs + offs_r
-    q_base = b * stride_qb
-    k_base = b * stride_kb
-    lse_base = b * H * L
+    pos_n = vs + offs_c
+    valid = _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL, HAS_MASK)
+    a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for head in range(0, H):
+        a += _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
+                                    col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                    PRECISION)
+    a = a * inv_h
+    tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if MODE == 0:
+        tl.store(SLC + tile, a, mask=tile_ok)
     if MODE == 1:
         w = tl.load(W + b * Lq + offs_r, mask=row_ok, other=0.0)
+        tl.store(PART + (b * tl.num_programs(0) + pid_m) * Nv + offs_c, tl.sum(a * w[:, None], 0), mask=col_ok)
     if MODE == 2:
-        a_dot_t = tl.zeros([BLOCK_M], tl.float32)
-        a_sq = tl.zeros([BLOCK_M], tl.float32)
-        t_sq = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, Nv, BLOCK_N):
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_c < Nv
-        pos_n = vs + offs_c
-        valid = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (pos_n[None, :] <= pos_m[:, None])
-        if HAS_MASK:
-            key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
-            valid = valid & (key_real[None, :] != 0)
-        a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for head in range(0, H):
-            a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
-                                        valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                        PRECISION)
-        a = a * inv_h
-        tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if MODE == 0:
-            tl.store(SLC + tile, a, mask=tile_ok)
-        if MODE == 1:
-            tl.store(PART + (b * tl.num_programs(0) + pid_m) * Nv + offs_c, tl.sum(a * w[:, None], 0), mask=col_ok)
-        if MODE == 2:
-            t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            a_dot_t += tl.sum(a * t, 1)
-            a_sq += tl.sum(a * a, 1)
-            t_sq += tl.sum(t * t, 1)
-    if MODE == 2:
-        stats = STATS + (b * Lq + offs_r) * 3
-        tl.store(stats, a_dot_t, mask=row_ok)
-        tl.store(stats + 1, a_sq, mask=row_ok)
-        tl.store(stats + 2, t_sq, mask=row_ok)
+        t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        stats = STATS + ((b * tl.num_programs(1) + pid_c) * Lq + offs_r) * 3
+        tl.store(stats, tl.sum(a * t, 1), mask=row_ok)
+        tl.store(stats + 1, tl.sum(a * a, 1), mask=row_ok)
+        tl.store(stats + 2, tl.sum(t * t, 1), mask=row_ok)
 
 
 @triton.jit
@@ -169,82 +166,59 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, G, DELTA,
+def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, G, DG_PART,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
                       PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Writes G/H = (∂L/∂a)/H (B, Lq, Nv) and adds (1/H) Σ_j P_h[i, j] G[i, j] to Δ_h[i] for every head.
+    """For one (slice-row tile, visual-column tile): writes G/H = (∂L/∂a)/H into G (B, Lq, Nv) and, per
+    head, this tile's share of (1/H) Σ_j P_h[i, j] G[i, j] into DG_PART (B, H, n_col_tiles, Lq); the
+    launcher adds its sum over column tiles to Δ.
 
     MODE 0: G = GIN (the slice's gradient). MODE 1 (mean): G[i, j] = ROWC1[i] · COLV[j].
-    MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a tile by tile.
+    MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a.
     """
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     vs = tl.load(VS + b)
     qs = tl.load(QS + b)
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_r < Lq
+    col_ok = offs_c < Nv
     pos_m = qs + offs_r
+    pos_n = vs + offs_c
     q_base = b * stride_qb
     k_base = b * stride_kb
     lse_base = b * H * L
-    if MODE != 0:
+    tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    valid = _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL, HAS_MASK)
+    if MODE == 0:
+        g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    if MODE == 1:
         c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
+        g = c1[:, None] * tl.load(COLV + b * Nv + offs_c, mask=col_ok, other=0.0)[None, :]
     if MODE == 2:
+        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
         c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=row_ok, other=0.0)
-
-    for c0 in range(0, Nv, BLOCK_N):
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_c < Nv
-        tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if MODE == 0:
-            g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        if MODE == 1:
-            colv = tl.load(COLV + b * Nv + offs_c, mask=col_ok, other=0.0)
-            g = c1[:, None] * colv[None, :]
-        if MODE == 2:
-            pos_n = vs + offs_c
-            valid = tile_ok
-            if CAUSAL:
-                valid = valid & (pos_n[None, :] <= pos_m[:, None])
-            if HAS_MASK:
-                key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
-                valid = valid & (key_real[None, :] != 0)
-            a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for head in range(0, H):
-                a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
-                                            valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                            PRECISION)
-            t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            g = c1[:, None] * t + c2[:, None] * (a * inv_h)
-        tl.store(G + tile, g * inv_h, mask=tile_ok)
-    # the tiles of G written above are read back by other threads of this program
-    tl.debug_barrier()
-
+        a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for head in range(0, H):
+            a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
+                                        valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                        PRECISION)
+        t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        g = c1[:, None] * t + c2[:, None] * (a * inv_h)
+    g = g * inv_h
+    tl.store(G + tile, g, mask=tile_ok)
     for head in range(0, H):
-        dg = tl.zeros([BLOCK_M], tl.float32)
-        for c0 in range(0, Nv, BLOCK_N):
-            offs_c = c0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_c < Nv
-            pos_n = vs + offs_c
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            valid = tile_ok
-            if CAUSAL:
-                valid = valid & (pos_n[None, :] <= pos_m[:, None])
-            if HAS_MASK:
-                key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
-                valid = valid & (key_real[None, :] != 0)
-            p = _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
-                                       valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                       PRECISION)
-            g = tl.load(G + b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :], mask=tile_ok, other=0.0)
-            dg += tl.sum(p * g, 1)
-        delta_ptr = DELTA + lse_base + head * L + pos_m
-        tl.store(delta_ptr, tl.load(delta_ptr, mask=row_ok, other=0.0) + dg, mask=row_ok)
+        p = _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
+                                   valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh, PRECISION)
+        part = DG_PART + ((b * H + head) * tl.num_programs(1) + pid_c) * Lq + offs_r
+        tl.store(part, tl.sum(p * g, 1), mask=row_ok)
 
 
 @triton.jit
