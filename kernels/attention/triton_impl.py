@@ -194,7 +194,7 @@ class _FusedAttention(torch.autograd.Function):
             part = slice_fwd(q, k, lse, scale, causal, mask, spec, 1, weight=weight)
             aux = _safe_div(part.sum(dim=1), weight.sum(dim=1, keepdim=True))
         elif mode == "align":
-            teacher = teacher.contiguous()
+            teacher = teacher.to(torch.float32).contiguous()  # one kernel signature for any teacher dtype
             stats = slice_fwd(q, k, lse, scale, causal, mask, spec, 2, teacher=teacher).sum(dim=1)
             cos = stats[..., 0] / (stats[..., 1].sqrt().clamp_min(eps) * stats[..., 2].sqrt().clamp_min(eps))
             aux = _safe_div((weight * (1.0 - cos)).sum(), weight.sum())
@@ -210,7 +210,7 @@ class _FusedAttention(torch.autograd.Function):
         scale, causal, spec, mode, eps = ctx.args
         slice_grad = None
         if mode == "rows":
-            slice_grad = (0, daux.contiguous(), None, None, None, None)
+            slice_grad = (0, daux.to(torch.float32).contiguous(), None, None, None, None)
         elif mode == "mean":
             rowc1 = _safe_div(weight, weight.sum(dim=1, keepdim=True)).contiguous()
             slice_grad = (1, None, rowc1, None, daux.contiguous(), None)

@@ -90,16 +90,37 @@ def _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, ro
 
 
 @triton.jit
-def _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL: tl.constexpr,
-                       HAS_MASK: tl.constexpr):
-    """Which (slice row, visual column) pairs may attend: in range, causal, key not padded."""
+def _slice_tile(VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (slice-row tile, visual-column tile) of sample b, from the (rows, cols, batch) grid:
+    slice indices, absolute positions, and which pairs may attend (in range, causal, key not padded)."""
+    b = tl.program_id(2).to(tl.int64)
+    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_r < Lq
+    col_ok = offs_c < Nv
+    pos_m = tl.load(QS + b) + offs_r
+    pos_n = tl.load(VS + b) + offs_c
     valid = row_ok[:, None] & col_ok[None, :]
     if CAUSAL:
         valid = valid & (pos_n[None, :] <= pos_m[:, None])
     if HAS_MASK:
         key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
         valid = valid & (key_real[None, :] != 0)
-    return valid
+    return b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid
+
+
+@triton.jit
+def _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale, inv_h,
+                     stride_qb, stride_qh, stride_kb, stride_kh, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """a = (1/H) Σ_h P_h[rows, visual cols] for one tile."""
+    a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for head in range(0, H):
+        a += _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
+                                    col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                    PRECISION)
+    return a * inv_h
 
 
 @triton.jit
@@ -115,35 +136,22 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
     MODE 2: write this column tile's share of a·t, |a|², |t|² into STATS (B, n_col_tiles, Lq, 3);
     a itself is never stored.
     """
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    vs = tl.load(VS + b)
-    qs = tl.load(QS + b)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid = _slice_tile(
+        VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_r < Lq
-    col_ok = offs_c < Nv
-    pos_m = qs + offs_r
-    pos_n = vs + offs_c
-    valid = _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL, HAS_MASK)
-    a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for head in range(0, H):
-        a += _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
-                                    col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                    PRECISION)
-    a = a * inv_h
+    a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale,
+                         inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if MODE == 0:
         tl.store(SLC + tile, a, mask=tile_ok)
     if MODE == 1:
         w = tl.load(W + b * Lq + offs_r, mask=row_ok, other=0.0)
-        tl.store(PART + (b * tl.num_programs(0) + pid_m) * Nv + offs_c, tl.sum(a * w[:, None], 0), mask=col_ok)
+        tl.store(PART + (b * tl.num_programs(0) + tl.program_id(0)) * Nv + offs_c, tl.sum(a * w[:, None], 0),
+                 mask=col_ok)
     if MODE == 2:
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        stats = STATS + ((b * tl.num_programs(1) + pid_c) * Lq + offs_r) * 3
+        stats = STATS + ((b * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r) * 3
         tl.store(stats, tl.sum(a * t, 1), mask=row_ok)
         tl.store(stats + 1, tl.sum(a * a, 1), mask=row_ok)
         tl.store(stats + 2, tl.sum(t * t, 1), mask=row_ok)
@@ -179,24 +187,11 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, 
     MODE 0: G = GIN (the slice's gradient). MODE 1 (mean): G[i, j] = ROWC1[i] · COLV[j].
     MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a.
     """
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    vs = tl.load(VS + b)
-    qs = tl.load(QS + b)
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid = _slice_tile(
+        VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_r < Lq
-    col_ok = offs_c < Nv
-    pos_m = qs + offs_r
-    pos_n = vs + offs_c
-    q_base = b * stride_qb
-    k_base = b * stride_kb
-    lse_base = b * H * L
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    valid = _visual_tile_valid(KPM, b, stride_mb, pos_m, pos_n, row_ok, col_ok, CAUSAL, HAS_MASK)
     if MODE == 0:
         g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
     if MODE == 1:
@@ -205,19 +200,17 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, 
     if MODE == 2:
         c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
         c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=row_ok, other=0.0)
-        a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for head in range(0, H):
-            a += _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
-                                        valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                        PRECISION)
+        a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale,
+                             inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        g = c1[:, None] * t + c2[:, None] * (a * inv_h)
+        g = c1[:, None] * t + c2[:, None] * a
     g = g * inv_h
     tl.store(G + tile, g, mask=tile_ok)
     for head in range(0, H):
-        p = _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok,
-                                   valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh, PRECISION)
-        part = DG_PART + ((b * H + head) * tl.num_programs(1) + pid_c) * Lq + offs_r
+        p = _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
+                                   col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
+                                   PRECISION)
+        part = DG_PART + ((b * H + head) * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r
         tl.store(part, tl.sum(p * g, 1), mask=row_ok)
 
 
