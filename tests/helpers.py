@@ -12,7 +12,6 @@ The recipe, for one function and one case:
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -21,25 +20,14 @@ import torch
 import compodistill_kernels as ck
 from compodistill_kernels.attention import naive
 
+from compodistill_kernels.attention.validate import interpreting, triton_available  # noqa: F401 (re-exported)
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-def interpreting() -> bool:
-    """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def triton_runnable() -> bool:
     """backend="triton" can run here: compiled on a CUDA GPU, or interpreted on CPU tensors."""
-    return triton_installed() and (interpreting() or HAS_CUDA)
+    return triton_available() and (interpreting() or HAS_CUDA)
 
 
 TRITON_SKIP_REASON = ("backend='triton' needs the triton package and either a CUDA GPU or TRITON_INTERPRET=1 "
