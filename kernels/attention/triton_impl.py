@@ -4,7 +4,6 @@ outputs and picks block sizes and grids."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton

@@ -3,6 +3,7 @@ argument and what was expected."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -44,11 +45,7 @@ def interpreting() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def check_qkv(q, k, v, backend):
