@@ -182,7 +182,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, mask, spec, mode, teacher, eps):
         out, lse = attn_fwd(q, k, v, scale, causal, mask)
         aux, weight, stats = None, None, None
-        if mode != "flash":
+        if mode in ("mean", "align"):  # the slice itself (mode "rows") is unweighted
             B, Lq = q.shape[0], spec.query_len
             weight = spec.row_weight if spec.row_weight is not None else \
                 torch.ones(B, Lq, device=q.device, dtype=torch.float32)
