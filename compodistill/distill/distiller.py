@@ -1,0 +1,263 @@
+"""The Distiller: one module whose forward turns a batch into the named losses of a stage.
+
+    lm   cross-entropy of the student on the supervised tokens
+    kd   logit KD from the teacher on the same tokens (teacher vocab cut to the student's)
+    vat  visual attention alignment over the matched layers
+    loss Σ weight · value over the enabled terms
+
+It is an nn.Module that owns the student (so `accelerate.prepare` can wrap it for DDP/FSDP and the
+student's own layers run inside the wrapped forward) and merely refers to the teacher, which stays
+frozen, in eval mode, under no_grad, and out of the module's parameters and state dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodistill_attention,
+                                num_language_model_layers)
+from ..models.mllm import MLLM, visual_token_positions
+from .kd import KD_KINDS, lm_and_kd_losses
+from .layers import adaptive_match, describe_matching, match_layers
+from .vat import VATConfig, combine_layers, group_targets, query_rows, resolve_layers, slice_loss
+
+STAGE_WEIGHTS = {
+    "dpt": {"lm": 1.0, "kd": 1.0, "vat": 0.0},
+    "dft": {"lm": 1.0, "kd": 1.0, "vat": 1.0},
+    "sft": {"lm": 1.0, "kd": 0.0, "vat": 0.0},
+}
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights (0 switches a term off), logit-KD settings and the VAT configuration."""
+
+    weights: dict = field(default_factory=lambda: dict(STAGE_WEIGHTS["dft"]))
+    kd_kind: str = "forward_kl"
+    temperature: float = 1.0
+    chunk_size: int = 1024
+    vat: VATConfig = field(default_factory=VATConfig)
+
+    def __post_init__(self):
+        if isinstance(self.weights, str):
+            if self.weights not in STAGE_WEIGHTS:
+                raise ValueError(f"weights: expected a stage name {sorted(STAGE_WEIGHTS)} or a dict, got {self.weights!r}")
+            self.weights = dict(STAGE_WEIGHTS[self.weights])
+        unknown = set(self.weights) - {"lm", "kd", "vat"}
+        if unknown:
+            raise ValueError(f"weights: unknown loss names {sorted(unknown)}; expected lm, kd, vat")
+        for name, value in self.weights.items():
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"weights.{name}: expected a number >= 0, got {value!r}")
+        self.weights = {name: float(self.weights.get(name, 0.0)) for name in ("lm", "kd", "vat")}
+        if self.kd_kind not in KD_KINDS:
+            raise ValueError(f"kd_kind: expected one of {KD_KINDS}, got {self.kd_kind!r}")
+        if isinstance(self.vat, dict):
+            self.vat = VATConfig.from_dict(self.vat)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.weights["kd"] > 0 or self.weights["vat"] > 0
+
+
+def _unwrap(model):
+    if isinstance(model, MLLM):
+        return model.model
+    return model
+
+
+def _parts(model):
+    """(LlavaModel backbone, lm_head, config) of a LLaVA, also through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.lm_head, base.config
+
+
+def check_compatible(student: MLLM, teacher: MLLM):
+    """Raise a ValueError when teacher and student cannot be distilled one into the other: token
+    positions and vocabularies must line up, and both must see the same number of image tokens."""
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise ValueError("teacher: its tokenizer differs from the student's; distillation needs one tokenizer "
+                         "so that token positions and vocabulary line up")
+    s_cfg, t_cfg = student.model.config, teacher.model.config
+    if s_cfg.image_token_id != t_cfg.image_token_id:
+        raise ValueError(f"teacher: image token id {t_cfg.image_token_id} differs from the student's "
+                         f"{s_cfg.image_token_id}")
+    if student.num_image_tokens != teacher.num_image_tokens:
+        raise ValueError(f"teacher: {teacher.num_image_tokens} image tokens per image, the student has "
+                         f"{student.num_image_tokens}")
+    if t_cfg.text_config.vocab_size < s_cfg.text_config.vocab_size:
+        raise ValueError(f"teacher: vocab size {t_cfg.text_config.vocab_size} is smaller than the student's "
+                         f"{s_cfg.text_config.vocab_size}")
+
+
+class Distiller(nn.Module):
+    """forward(batch) → {"lm", "kd", "vat", "loss"} (terms with weight 0 are left out).
+
+    Args:
+        student: the student LLaVA (or an `MLLM`), possibly wrapped by peft.
+        teacher: the teacher LLaVA (or an `MLLM`); needed when kd or vat has a weight.
+        config: a `DistillConfig`.
+        backend: attention backend for both models ("auto", "torch", "triton").
+
+    batch: input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), labels (B, L) with -100
+    on unsupervised tokens. Every sample holds one image as a contiguous run of image tokens.
+    """
+
+    def __init__(self, student, teacher=None, config: DistillConfig | None = None, *, backend: str = "auto"):
+        super().__init__()
+        if isinstance(student, MLLM) and isinstance(teacher, MLLM):
+            check_compatible(student, teacher)
+        self.config = config or DistillConfig()
+        self.student = _unwrap(student)
+        enable_compodistill_attention(self.student, backend=backend)
+        self._teacher = None
+        if self.config.needs_teacher:
+            if teacher is None:
+                raise ValueError("teacher: the kd and vat losses need a teacher model")
+            teacher = _unwrap(teacher)
+            teacher.requires_grad_(False)
+            teacher.eval()
+            enable_compodistill_attention(teacher, backend=backend)
+            self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and prepare()
+        _, _, s_cfg = _parts(self.student)
+        self.image_token_id = int(s_cfg.image_token_id)
+        vision = s_cfg.vision_config
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self.matches = None
+        if self.config.weights["vat"] > 0:
+            vat = self.config.vat
+            self.student_layers = resolve_layers(num_language_model_layers(self.student), vat.student_layers,
+                                                 argument="vat.student_layers")
+            self.teacher_layers = resolve_layers(num_language_model_layers(teacher), vat.teacher_layers,
+                                                 argument="vat.teacher_layers")
+            if vat.matching != "adaptive":
+                self.matches = match_layers(self.student_layers, self.teacher_layers, vat.matching)
+
+    @property
+    def teacher(self):
+        return None if self._teacher is None else self._teacher[0]
+
+    def describe(self) -> str:
+        """A few lines on the losses and the layer matching, for the training summary."""
+        w = self.config.weights
+        lines = [f"losses: " + ", ".join(f"{k}×{v:g}" for k, v in w.items() if v > 0)]
+        if w["kd"] > 0:
+            lines.append(f"kd: {self.config.kd_kind}, temperature {self.config.temperature:g}")
+        if w["vat"] > 0:
+            vat = self.config.vat
+            lines.append(f"vat: {vat.loss} over {vat.query_rows} rows, reduce {vat.reduce}, "
+                         f"{vat.layer_reduction} over layers, sink filter {'on' if vat.sink_filter else 'off'}, "
+                         f"{'fused in the attention kernel' if vat.fused else 'on exported slices'}")
+            if self.matches is None:
+                lines.append(f"matching: adaptive over student {self.student_layers} and teacher "
+                             f"{self.teacher_layers}, chosen on the first batch")
+            else:
+                lines.append(f"matching ({vat.matching}):\n" + describe_matching(self.matches))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------
+    def _backbone_forward(self, model, batch, probe):
+        backbone, _, config = _parts(model)
+        if config.text_config._attn_implementation != ATTENTION_NAME and probe is not None:
+            raise ValueError("model: compodistill attention is not enabled; call enable_compodistill_attention")
+        pixel_values = batch["pixel_values"].to(next(backbone.parameters()).dtype)
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       pixel_values=pixel_values, use_cache=False, compodistill_probe=probe)
+        if probe is not None:
+            missing = probe.layers - set(probe.slices) - set(probe.losses)
+            if missing:
+                raise RuntimeError(f"layers {sorted(missing)} returned no attention result; is compodistill "
+                                   "attention enabled on every language-model layer?")
+        return out.last_hidden_state
+
+    def _rows(self, batch):
+        visual_start, visual_len = visual_token_positions(batch["input_ids"], self.image_token_id,
+                                                          self.num_image_tokens)
+        return query_rows(self.config.vat.query_rows, batch.get("attention_mask"), batch.get("labels"),
+                          visual_start, visual_len)
+
+    def _teacher_slices(self, batch, rows, layers):
+        reduce = self.config.vat.reduce
+        probe = AttentionProbe(rows, export={layer: reduce for layer in layers})
+        with torch.no_grad():
+            hidden = self._backbone_forward(self.teacher, batch, probe)
+        return hidden, probe.slices
+
+    @torch.no_grad()
+    def calibrate(self, batch):
+        """Adaptive matching: pair each student layer with its most similar teacher layer (monotone in
+        depth) by the mean cosine of their visual slices on `batch`; averaged over processes."""
+        vat = self.config.vat
+        rows = self._rows(batch)
+        _, teacher = self._teacher_slices(batch, rows, self.teacher_layers)
+        probe = AttentionProbe(rows, export={layer: vat.reduce for layer in self.student_layers})
+        was_training = self.student.training
+        self.student.eval()
+        self._backbone_forward(self.student, batch, probe)
+        self.student.train(was_training)
+        weight = rows.row_weight if vat.reduce == "rows" else (rows.row_weight.sum(1) > 0).float()
+        similarity = torch.stack([
+            torch.stack([1.0 - slice_loss(probe.slices[s], teacher[t], weight, loss="cosine", eps=vat.eps)
+                         for t in self.teacher_layers])
+            for s in self.student_layers])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(similarity)
+            similarity /= torch.distributed.get_world_size()
+        self.matches = adaptive_match(similarity.cpu(), self.student_layers, self.teacher_layers)
+        return similarity
+
+    def forward(self, batch: dict) -> dict:
+        cfg, w = self.config, self.config.weights
+        need_vat = w["vat"] > 0
+        if need_vat and self.matches is None:
+            self.calibrate(batch)
+        rows = self._rows(batch) if need_vat else None
+
+        teacher_hidden, student_probe = None, None
+        if cfg.needs_teacher:
+            self.teacher.eval()
+            layers = sorted({t for m in self.matches for t in m.teacher_layers}) if need_vat else []
+            if need_vat:
+                teacher_hidden, slices = self._teacher_slices(batch, rows, layers)
+                targets = group_targets(slices, self.matches)
+                del slices
+                if cfg.vat.fused:
+                    student_probe = AttentionProbe(rows, align=targets, eps=cfg.vat.eps)
+                else:
+                    student_probe = AttentionProbe(rows, export={s: cfg.vat.reduce for s in targets})
+            else:
+                with torch.no_grad():
+                    teacher_hidden = self._backbone_forward(self.teacher, batch, None)
+
+        student_hidden = self._backbone_forward(self.student, batch, student_probe)
+        _, student_head, _ = _parts(self.student)
+        teacher_head = _parts(self.teacher)[1] if w["kd"] > 0 else None
+        losses = lm_and_kd_losses(
+            student_hidden, batch["labels"], student_head,
+            teacher_hidden=teacher_hidden if w["kd"] > 0 else None, teacher_head=teacher_head,
+            kind=cfg.kd_kind, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
+        )
+        if need_vat:
+            losses["vat"] = self._vat_loss(student_probe, targets, rows)
+        out = {name: losses[name] for name in ("lm", "kd", "vat") if w[name] > 0}
+        out["loss"] = sum(w[name] * value for name, value in out.items())
+        return out
+
+    def _vat_loss(self, probe, targets, rows):
+        vat = self.config.vat
+        if vat.fused:
+            per_layer = probe.losses
+        else:
+            weight = rows.row_weight if vat.reduce == "rows" else (rows.row_weight.sum(1) > 0).float()
+            per_layer = {layer: slice_loss(probe.slices[layer], targets[layer], weight, loss=vat.loss,
+                                           sink_filter=vat.sink_filter, eps=vat.eps)
+                         for layer in targets}
+        loss = combine_layers(per_layer, vat.layer_reduction)
+        if self.training and torch.is_grad_enabled() and not loss.requires_grad and \
+                any(p.requires_grad for p in self.student.parameters()):
+            raise RuntimeError("vat: the alignment loss has no gradient. Gradient checkpointing with "
+                               "use_reentrant=True runs layers under no_grad; enable it with "
+                               "gradient_checkpointing_kwargs={'use_reentrant': False}")
+        return loss

@@ -1,0 +1,193 @@
+"""Runs every language-model layer of a Hugging Face model on `compodistill_kernels`.
+
+`enable_compodistill_attention(model)` registers the attention function and its mask function under
+the name "compodistill" and switches the language model to it; the vision tower keeps SDPA.
+
+A forward call can then carry a `compodistill_probe=AttentionProbe(...)` keyword argument. transformers
+passes extra keyword arguments of LlavaForConditionalGeneration.forward down to every LM attention
+call, so the request travels with the call and there is no global state:
+
+- layers listed in `probe.export` return their head-averaged visual slice in `probe.slices[layer]`
+  (differentiable; teachers run them under no_grad);
+- layers listed in `probe.align` compute the fused cosine alignment loss against the given teacher
+  slice and store it in `probe.losses[layer]`;
+- every other layer runs plain flash attention.
+
+Results are stored by `layer_idx` (never appended), so a layer that gradient checkpointing runs again
+in the backward overwrites its own entry instead of adding one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from compodistill_kernels import attention_with_alignment, attention_with_visual_slice, flash_attention
+
+ATTENTION_NAME = "compodistill"
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class SliceRows:
+    """Which query rows and visual keys a slice covers, per sample.
+
+    visual_start, query_start: (B,) long; visual_len, query_len: ints; row_weight: (B, query_len)
+    float with 0 for rows that belong to no sample (padding, rows outside the selection) or None.
+    """
+
+    visual_start: torch.Tensor
+    visual_len: int
+    query_start: torch.Tensor
+    query_len: int
+    row_weight: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionProbe:
+    """What one forward call asks of the attention layers, and where the answers land.
+
+    export: {layer_idx: "rows" | "mean"}: layers that return their visual slice in `slices`.
+    align: {layer_idx: teacher slice (B, query_len, visual_len)}: layers that compute the fused cosine
+        loss Σ w·(1 − cos) / Σ w against it, stored in `losses`.
+    """
+
+    rows: SliceRows
+    export: dict = field(default_factory=dict)
+    align: dict = field(default_factory=dict)
+    eps: float = 1e-8
+    slices: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for layer, reduce in self.export.items():
+            if reduce not in ("rows", "mean"):
+                raise ValueError(f"export: layer {layer} asks for reduce={reduce!r}, expected 'rows' or 'mean'")
+        overlap = set(self.export) & set(self.align)
+        if overlap:
+            raise ValueError(f"export/align: layers {sorted(overlap)} are asked for both")
+
+    @property
+    def layers(self) -> set:
+        return set(self.export) | set(self.align)
+
+
+def compodistill_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                           sliding_window=None, compodistill_probe: AttentionProbe | None = None, **kwargs):
+    """transformers attention function: query (B, Hq, L, D), key/value (B, Hkv, L, D) → (B, L, Hq, D)."""
+    if dropout:
+        raise ValueError(f"dropout: compodistill attention has no attention dropout, got {dropout}")
+    if sliding_window is not None:
+        raise ValueError("sliding_window: compodistill attention is full causal attention; "
+                         "disable use_sliding_window in the model config")
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask: compodistill attention takes a (B, L) padding mask, got shape "
+                         f"{tuple(attention_mask.shape)}")
+    backend = getattr(module, "compodistill_backend", "auto")
+    layer = getattr(module, "layer_idx", None)
+    probe = compodistill_probe
+    asked = probe is not None and layer in probe.layers
+
+    if query.shape[2] != key.shape[2]:
+        # Decoding with a KV cache: a few new queries against a longer cache. No slices exist here.
+        if asked:
+            raise ValueError(f"compodistill_probe: layer {layer} was asked for a slice during cached decoding")
+        return _cached_decode_attention(query, key, value, attention_mask, scaling), None
+
+    common = dict(causal=True, softmax_scale=scaling, key_padding_mask=attention_mask, backend=backend)
+    if not asked:
+        out, _ = flash_attention(query, key, value, **common)
+        return out.transpose(1, 2), None
+    rows = probe.rows
+    if query.shape[0] != rows.visual_start.shape[0]:
+        raise ValueError(f"compodistill_probe: rows are for batch {rows.visual_start.shape[0]}, "
+                         f"layer {layer} sees batch {query.shape[0]}")
+    span = (rows.visual_start, rows.visual_len, rows.query_start, rows.query_len)
+    if layer in probe.align:
+        out, loss = attention_with_alignment(query, key, value, probe.align[layer], *span,
+                                             row_weight=rows.row_weight, eps=probe.eps, **common)
+        probe.losses[layer] = loss
+    else:
+        out, slc = attention_with_visual_slice(query, key, value, *span, reduce=probe.export[layer],
+                                               row_weight=rows.row_weight, **common)
+        probe.slices[layer] = slc
+    return out.transpose(1, 2), None
+
+
+def _cached_decode_attention(query, key, value, padding, scaling):
+    # Query i of q_len sits at cache position kv_len − q_len + i and sees keys up to there.
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    allowed = torch.arange(kv_len, device=query.device)[None, :] <= rows
+    allowed = allowed[None, None]
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, -kv_len:]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def compodistill_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """Mask function for the "compodistill" name: the (B, kv_length) bool padding mask, or None when
+    nothing is padded. Causality is applied inside the kernels."""
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is not None and mask_function is not causal_mask_function:
+        raise ValueError("attention_mask: compodistill attention supports plain causal attention with a "
+                         "padding mask (no packed sequences, sliding windows or custom mask functions)")
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register_compodistill_attention():
+    """Register the attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, compodistill_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, compodistill_mask)
+
+
+def language_model_attention_modules(model):
+    """The self-attention modules of the language model (those with a `layer_idx`)."""
+    lm = _language_model(model)
+    return [m for m in lm.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+
+
+def _language_model(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    return getattr(inner, "language_model", inner)
+
+
+def enable_compodistill_attention(model, backend: str = "auto"):
+    """Run every language-model layer of `model` (a LLaVA or a causal LM) on compodistill_kernels.
+
+    backend: "auto" (Triton on CUDA tensors, the PyTorch path otherwise), "triton" or "torch".
+    The vision tower keeps its attention implementation. Returns the model.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    register_compodistill_attention()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base.config, "text_config"):
+        base.set_attn_implementation({"text_config": ATTENTION_NAME})
+    else:
+        base.set_attn_implementation(ATTENTION_NAME)
+    modules = language_model_attention_modules(base)
+    if not modules:
+        raise ValueError("model: found no attention modules with a layer_idx in its language model")
+    for module in modules:
+        module.compodistill_backend = backend
+    return model
+
+
+def num_language_model_layers(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base.config, "text_config", base.config)
+    return config.num_hidden_layers
