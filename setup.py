@@ -20,7 +20,18 @@ setup(
     packages=library_packages + kernel_packages,
     package_dir={"compodistill": "compodistill", "compodistill_kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "triton>=3.0", "numpy", "tqdm", "pyyaml"],
+    install_requires=[
+        "torch>=2.1",
+        "triton>=3.0",
+        # AttentionInterface/AttentionMaskInterface registration and per-sub-config attention selection.
+        "transformers>=5.0,<6",
+        "tokenizers",
+        "safetensors",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+    ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         "bench": ["xformers"],

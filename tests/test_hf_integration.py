@@ -33,31 +33,46 @@ def _masked_loss(logits, batch, weights):
     return (logits * weights).sum(-1)[batch["attention_mask"].bool()].sum()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("reference", ["eager", "sdpa"])
-def test_integration_matches_hf_logits_and_grads(backend, padding, reference):
+# Relative errors against the fp32 reference run on the same (rounded) weights: (logits, worst grad).
+# fp16 runs the model in fp16 end to end; transformers' own fp16 eager attention lands at ~1.4e-3 / 4e-3
+# on these models, and so does ours.
+INTEGRATION_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (5e-3, 2e-2)}
+
+
+def _integration_cases():
+    for backend in BACKENDS:
+        for padding in ("right", "left"):
+            for reference in ("eager", "sdpa"):
+                yield pytest.param(backend, padding, reference, torch.float32,
+                                   id=f"{backend}-{padding}-{reference}-fp32")
+            yield pytest.param(backend, padding, "eager", torch.float16, id=f"{backend}-{padding}-eager-fp16")
+
+
+@pytest.mark.parametrize("backend,padding,reference,dtype", list(_integration_cases()))
+def test_integration_matches_hf_logits_and_grads(backend, padding, reference, dtype):
     """With compodistill attention on every LM layer, logits and all parameter gradients of a tiny
-    GQA LLaVA equal transformers' eager / SDPA attention (fp32)."""
+    GQA LLaVA equal transformers' eager / SDPA attention in fp32."""
     mllm = tiny("tiny-teacher")
-    model = mllm.model.train()
-    ref = eager_copy(model) if reference == "eager" else copy.deepcopy(model)
+    model = mllm.model.train().to(dtype)
+    ref = copy.deepcopy(model).float()
     ref.set_attn_implementation({"text_config": reference})
     enable_compodistill_attention(model, backend=_backend(backend))
     batch = make_batch(mllm, padding=padding)
     weights = torch.randn(model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(3))
 
-    logits = model(**_inputs(batch)).logits
+    logits = model(**_inputs(batch)).logits.float()
     ref_logits = ref(**_inputs(batch)).logits
     real = batch["attention_mask"].bool()
     assert not torch.isnan(logits[real]).any()
-    assert rel_err(logits[real], ref_logits[real]) < 2e-5
+    logit_tol, grad_tol = INTEGRATION_TOLERANCE[dtype]
+    assert rel_err(logits[real], ref_logits[real]) < logit_tol
 
     _masked_loss(logits, batch, weights).backward()
     _masked_loss(ref_logits, batch, weights).backward()
     got, want = grads_of(model), grads_of(ref)
     assert len(got) > 20
-    assert worst_grad_error(got, want) < 1e-4
+    assert not any(torch.isnan(g).any() for g in got.values())
+    assert worst_grad_error(got, want) < grad_tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

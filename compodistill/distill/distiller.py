@@ -142,7 +142,7 @@ class Distiller(nn.Module):
     def describe(self) -> str:
         """A few lines on the losses and the layer matching, for the training summary."""
         w = self.config.weights
-        lines = [f"losses: " + ", ".join(f"{k}×{v:g}" for k, v in w.items() if v > 0)]
+        lines = ["losses: " + ", ".join(f"{k}×{v:g}" for k, v in w.items() if v > 0)]
         if w["kd"] > 0:
             lines.append(f"kd: {self.config.kd_kind}, temperature {self.config.temperature:g}")
         if w["vat"] > 0:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import SliceRows
-from .layers import target_layers
+from .layers import TARGET_BANDS, target_layers
 
 QUERY_ROWS = ("visual", "text", "answer", "all")
 REDUCES = ("rows", "mean")
@@ -62,8 +62,14 @@ class VATConfig:
                 raise ValueError(f"vat.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.sink_filter, bool):
             raise ValueError(f"vat.sink_filter: expected true or false, got {self.sink_filter!r}")
-        if not (isinstance(self.eps, float) and self.eps > 0):
-            raise ValueError(f"vat.eps: expected a positive float, got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"vat.eps: expected a positive number, got {self.eps!r}")
+        object.__setattr__(self, "eps", float(self.eps))
+        for name in ("student_layers", "teacher_layers"):
+            spec = getattr(self, name)
+            if isinstance(spec, str) and spec not in TARGET_BANDS:
+                raise ValueError(f"vat.{name}: expected a band {sorted(TARGET_BANDS)}, a list of layers, "
+                                 f"{{'start', 'end'}} or {{'fraction'}}; got {spec!r}")
 
     @property
     def fused(self) -> bool:
@@ -103,10 +109,13 @@ def resolve_layers(num_layers: int, spec, *, argument: str) -> list[int]:
     """0-based layer indices for a VATConfig layer spec (see `VATConfig`)."""
     if isinstance(spec, dict) and "fraction" in spec:
         lo_hi = spec["fraction"]
-        if set(spec) != {"fraction"} or len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
+        valid = (set(spec) == {"fraction"} and isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2
+                 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lo_hi)
+                 and 0 <= lo_hi[0] <= lo_hi[1] <= 1)
+        if not valid:
             raise ValueError(f"{argument}: expected {{'fraction': [lo, hi]}} with 0 <= lo <= hi <= 1, got {spec!r}")
-        start = round(lo_hi[0] * num_layers)
         end = min(round(lo_hi[1] * num_layers), num_layers - 1)
+        start = min(round(lo_hi[0] * num_layers), end)
         spec = {"start": start, "end": end}
     try:
         return target_layers(num_layers, spec)
@@ -197,5 +206,9 @@ def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.T
 
 def combine_layers(per_layer: dict, layer_reduction: str) -> torch.Tensor:
     """Sum or mean of the per-layer losses (in student-layer order)."""
+    if layer_reduction not in LAYER_REDUCTIONS:
+        raise ValueError(f"layer_reduction: expected one of {LAYER_REDUCTIONS}, got {layer_reduction!r}")
+    if not per_layer:
+        raise ValueError("per_layer: no layer losses to combine")
     values = torch.stack([per_layer[layer] for layer in sorted(per_layer)])
     return values.sum() if layer_reduction == "sum" else values.mean()

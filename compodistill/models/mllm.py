@@ -164,9 +164,13 @@ def build_preset(name: str, *, seed: int = 0, text_overrides: dict | None = None
 
 
 def _tiny_image_processor(size: int):
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    return SiglipImageProcessorPil(size={"height": size, "width": size})
+    """SigLIP's preprocessing (resize, rescale, normalise to [-1, 1]) on its PIL backend, which needs no
+    torchvision."""
+    try:
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil as processor
+    except ImportError:  # transformers releases before the PIL/torchvision backend split
+        from transformers import SiglipImageProcessor as processor
+    return processor(size={"height": size, "width": size})
 
 
 class _seeded:
