@@ -11,6 +11,8 @@ call, so the request travels with the call and there is no global state:
   (differentiable; teachers run them under no_grad);
 - layers listed in `probe.align` compute the fused cosine alignment loss against the given teacher
   slice and store it in `probe.losses[layer]`;
+- layers listed in `probe.intervene` (analysis only) mix a teacher slice into their own visual
+  attention at inference: the paper's intervention, computed with explicit probabilities;
 - every other layer runs plain flash attention.
 
 Results are stored by `layer_idx` (never appended), so a layer that gradient checkpointing runs again
@@ -51,11 +53,16 @@ class AttentionProbe:
     export: {layer_idx: "rows" | "mean"}: layers that return their visual slice in `slices`.
     align: {layer_idx: teacher slice (B, query_len, visual_len)}: layers that compute the fused cosine
         loss Σ w·(1 − cos) / Σ w against it, stored in `losses`.
+    intervene: {layer_idx: teacher slice (B, query_len, visual_len)}: on rows with row_weight > 0 every
+        head's probabilities over the visual keys become (1 − mix)·P + mix·teacher, and the row is
+        renormalised to sum to 1. Forms the full (B, H, L, L) probabilities: for analysis, not training.
     """
 
     rows: SliceRows
     export: dict = field(default_factory=dict)
     align: dict = field(default_factory=dict)
+    intervene: dict = field(default_factory=dict)
+    mix: float = 0.5
     eps: float = 1e-8
     slices: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
@@ -64,13 +71,16 @@ class AttentionProbe:
         for layer, reduce in self.export.items():
             if reduce not in ("rows", "mean"):
                 raise ValueError(f"export: layer {layer} asks for reduce={reduce!r}, expected 'rows' or 'mean'")
-        overlap = set(self.export) & set(self.align)
+        asked = [set(self.export), set(self.align), set(self.intervene)]
+        overlap = (asked[0] & asked[1]) | (asked[0] & asked[2]) | (asked[1] & asked[2])
         if overlap:
-            raise ValueError(f"export/align: layers {sorted(overlap)} are asked for both")
+            raise ValueError(f"export/align/intervene: layers {sorted(overlap)} are asked for more than one")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix: expected a weight in [0, 1], got {self.mix!r}")
 
     @property
     def layers(self) -> set:
-        return set(self.export) | set(self.align)
+        return set(self.export) | set(self.align) | set(self.intervene)
 
 
 def compodistill_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -104,6 +114,10 @@ def compodistill_attention(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"compodistill_probe: rows are for batch {rows.visual_start.shape[0]}, "
                          f"layer {layer} sees batch {query.shape[0]}")
     span = (rows.visual_start, rows.visual_len, rows.query_start, rows.query_len)
+    if layer in probe.intervene:
+        out = _intervened_attention(query, key, value, attention_mask, scaling, rows, probe.intervene[layer],
+                                    probe.mix)
+        return out.transpose(1, 2), None
     if layer in probe.align:
         out, loss = attention_with_alignment(query, key, value, probe.align[layer], *span,
                                              row_weight=rows.row_weight, eps=probe.eps, **common)
@@ -127,6 +141,30 @@ def _cached_decode_attention(query, key, value, padding, scaling):
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
     return out.transpose(1, 2)
+
+
+def _intervened_attention(query, key, value, padding, scaling, rows: SliceRows, teacher, mix):
+    B, H, L, D = query.shape
+    groups = H // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * (scaling or D ** -0.5)
+    allowed = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()[None, None]
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    for b in range(B):
+        q0, v0 = int(rows.query_start[b]), int(rows.visual_start[b])
+        weight = torch.ones(rows.query_len, device=query.device) if rows.row_weight is None else rows.row_weight[b]
+        chosen = (weight > 0).nonzero().flatten()
+        block = probs[b, :, q0 + chosen]                      # (H, n, L)
+        visual = block[..., v0:v0 + rows.visual_len]
+        mixed = (1 - mix) * visual + mix * teacher[b, chosen].float()[None]
+        # Renormalise: the row keeps its text-key mass, and the visual mass becomes the mixed one.
+        total = block.sum(-1, keepdim=True) - visual.sum(-1, keepdim=True) + mixed.sum(-1, keepdim=True)
+        block = block.clone()
+        block[..., v0:v0 + rows.visual_len] = mixed
+        probs[b, :, q0 + chosen] = block / total.clamp_min(1e-12)
+    return torch.matmul(probs, value.float()).to(query.dtype)
 
 
 def compodistill_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -1,0 +1,1 @@
+"""Data: the procedural compositional-reasoning benchmark, LLaVA-format loaders and benchmark readers."""
