@@ -28,6 +28,8 @@ setup(
         "tokenizers",
         "safetensors",
         "pillow",
+        "datasets>=2.14",
+        "matplotlib",
         "numpy",
         "tqdm",
         "pyyaml",
