@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from .data.chat import encode_prompt
 from .data.images import load_image, pixel_values
 from .distill.layers import match_layers, target_layers
+from .evaluate import TWO_CHOICE_PROMPT, letter_token_ids
 from .models import AttentionProbe, SliceRows, enable_compodistill_attention, load_mllm, visual_token_positions
-
-TWO_CHOICE_PROMPT = "Which caption best describes the image? (A) {a} (B) {b} Answer with the option's letter."
 
 
 @dataclass
@@ -41,21 +40,12 @@ class Prompt:
     correct: int                 # 0 for "A", 1 for "B"
 
 
-def letter_token_ids(tokenizer) -> tuple[int, int]:
-    """The first token of the answers "A" and "B" (what the assistant's first generated token would be)."""
-    ids = [tokenizer("A", add_special_tokens=False)["input_ids"][0],
-           tokenizer("B", add_special_tokens=False)["input_ids"][0]]
-    if ids[0] == ids[1]:
-        raise ValueError("tokenizer: 'A' and 'B' start with the same token")
-    return ids[0], ids[1]
-
-
 def two_choice_prompts(mllm, item) -> list[Prompt]:
     """The item asked in both orders (positive as A, then as B)."""
     image = pixel_values(mllm.image_processor, [load_image(item.image_path, item.id)])
     prompts = []
     for correct, (a, b) in enumerate(((item.caption, item.negative), (item.negative, item.caption))):
-        ids = encode_prompt(TWO_CHOICE_PROMPT.format(a=a, b=b), mllm.tokenizer, mllm.num_image_tokens)
+        ids = encode_prompt(TWO_CHOICE_PROMPT.format(first=a, second=b), mllm.tokenizer, mllm.num_image_tokens)
         prompts.append(Prompt(torch.tensor([ids]), image, correct))
     return prompts
 

@@ -1,0 +1,444 @@
+"""The procedural compositional-reasoning benchmark: scene graphs rendered with Pillow, LLaVA-style
+training data and SugarCrepe-style / VQA / relational-hallucination test sets, all derived from the
+graphs (see `compodistill.data.scenes`), so the ground truth is correct by construction.
+
+    python -m compodistill.data.synth --out DIR [--size tiny|small|default] [--seed S] [--compositional]
+
+Layout written under DIR (image paths in JSON are relative to DIR/images):
+
+    images/<scene_id>.png               every scene ("train-000012", "test-000003", "comp-000001")
+    scenes/<split>.jsonl                scene graphs {"id", "split", "image", "width", "height", "grid",
+                                        "objects": [{"color", "shape", "size", "x", "y", "r", "cell": [row, col]}]}
+    llava_pretrain.json                 LLaVA-558K captions of the train scenes
+    llava_instruct.json                 LLaVA-665K multi-turn short-answer QA on the train scenes
+    cr/<subset>.json                    SugarCrepe items {"<id>": {"filename", "caption", "negative_caption"}}
+    vqa/questions.jsonl, answers.jsonl  {"question_id", "image", "text", "category"} / {"question_id", "answers"}
+    hallucination/questions.jsonl       {"question_id", "image", "text", "label": "yes"|"no", "category"}
+    comp/cr/*.json, comp/vqa/*          (--compositional) the same for scenes with held-out colour-shape pairs
+    summary.json                        seed, arguments, vocabulary, held-out pairs, counts per file and subset
+
+Every run with the same arguments writes the same bytes: all randomness comes from `random.Random`
+instances seeded by strings built from the seed, the split, the scene id and the purpose.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+from tqdm import tqdm
+
+from .scenes import (BACKGROUND, CAPTION_REQUESTS, CR_SUBSETS, HALLUCINATION_CATEGORIES, PALETTE,
+                     QUESTION_CATEGORIES, SHAPES, Scene, answers, caption_statements, caption_text,
+                     conversation_turns, cr_pair, evaluate, hallucination_pair, held_out_combos,
+                     make_query, make_vocabulary, parse_caption, parse_question, parse_statement,
+                     question_text, sample_scene, statement_text)
+
+GENERATOR_VERSION = 1
+SIZE_PRESETS = {"tiny": (64, 32), "small": (2000, 500), "default": (20000, 2000)}
+# Files and folders this generator owns; --overwrite removes exactly these.
+LAYOUT = ("images", "scenes", "cr", "vqa", "hallucination", "comp", "llava_pretrain.json",
+          "llava_instruct.json", "summary.json")
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for anti-aliased edges
+MIN_CELL_PIXELS = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+def _regular_polygon(cx, cy, r, n, start_deg=-90.0, radii=None):
+    radii = radii or [r]
+    return [(cx + radii[k % len(radii)] * math.cos(math.radians(start_deg + 360.0 * k / n)),
+             cy + radii[k % len(radii)] * math.sin(math.radians(start_deg + 360.0 * k / n))) for k in range(n)]
+
+
+def _heart(cx, cy, r, steps=48):
+    # x = 16 sin³t, y = 13 cos t − 5 cos 2t − 2 cos 3t − cos 4t spans about ±17 units.
+    scale = r / 17.0
+    points = []
+    for k in range(steps):
+        t = 2 * math.pi * k / steps
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((cx + scale * x, cy - scale * (y + 2.5)))
+    return points
+
+
+def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, background=BACKGROUND) -> None:
+    """Draw one filled shape of radius r centred at (cx, cy) on a PIL ImageDraw."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        inner = 0.55 * r
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=background)
+    elif shape == "square":
+        half = 0.82 * r  # equal-ish area to the circle without leaving the cell
+        draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_regular_polygon(cx, cy + 0.15 * r, 1.1 * r, 3), fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_regular_polygon(cx, cy + 0.08 * r, 1.05 * r, 10, radii=[1.05 * r, 0.45 * r]), fill=fill)
+    elif shape == "cross":
+        t = 0.34 * r
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_regular_polygon(cx, cy, r, 6, start_deg=0.0), fill=fill)
+    elif shape == "heart":
+        draw.polygon(_heart(cx, cy, 1.1 * r), fill=fill)
+    else:
+        raise ValueError(f"shape: expected one of {SHAPES}, got {shape!r}")
+
+
+def render(scene: Scene):
+    """The scene as a PIL RGB image (image_size × image_size): filled shapes on a plain grey background."""
+    from PIL import Image, ImageDraw
+
+    size = scene.image_size * SUPERSAMPLE
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x, y, r = (v * SUPERSAMPLE for v in scene.geometry(obj))
+        draw_shape(draw, obj.shape, x, y, r, PALETTE[obj.color])
+    return image.reduce(SUPERSAMPLE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir: {out_dir!r} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise ValueError(f"out_dir: {out_dir!r} is not empty; pass overwrite=True (--overwrite) to replace "
+                             f"the generator's files there ({', '.join(LAYOUT)})")
+        for name in LAYOUT:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def _sample_split(split, count, seed, vocab, seen, *, combos, require, grid, image_size, max_objects):
+    """`count` scenes whose graphs are new (not in `seen`, which is updated)."""
+    rng = random.Random(f"compodistill-synth:{seed}:{split}")
+    scenes, failures = [], 0
+    while len(scenes) < count:
+        scene = sample_scene(rng, f"{split}-{len(scenes):06d}", split, vocab, grid=grid, image_size=image_size,
+                             max_objects=max_objects, combos=combos, require=require)
+        if scene.key() in seen:
+            failures += 1
+            if failures > 1000 + 10 * count:
+                raise ValueError(f"num_train/num_test: cannot draw {count} distinct {split} scenes from this "
+                                 f"vocabulary, grid and max_objects; ask for fewer scenes or a larger space")
+            continue
+        seen.add(scene.key())
+        scenes.append(scene)
+    return scenes
+
+
+def _write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _text_rng(seed, scene, purpose):
+    return random.Random(f"compodistill-synth:{seed}:{scene.id}:{purpose}")
+
+
+def _cr_sets(scenes, seed, vocab, focus_of):
+    """{subset: {item_id: {"filename", "caption", "negative_caption"}}}; texts re-checked after parsing."""
+    sets = {subset: {} for subset in CR_SUBSETS}
+    for scene in scenes:
+        for subset in CR_SUBSETS:
+            made = cr_pair(scene, subset, _text_rng(seed, scene, f"cr:{subset}"), vocab, focus_of(scene))
+            if made is None:
+                continue
+            caption, negative = statement_text(made[0]), statement_text(made[1])
+            if evaluate(scene, parse_statement(caption)) is not True or evaluate(scene, parse_statement(negative)) is not False:
+                raise RuntimeError(f"{scene.id} {subset}: texts do not round-trip: {caption!r} / {negative!r}")
+            sets[subset][f"{scene.id}-{subset}"] = {"filename": scene.image, "caption": caption,
+                                                    "negative_caption": negative}
+    return sets
+
+
+def _vqa_set(scenes, seed, vocab, focus_of):
+    questions, answer_rows = [], []
+    for scene in scenes:
+        for category in QUESTION_CATEGORIES:
+            query = make_query(scene, category, _text_rng(seed, scene, f"vqa:{category}"), vocab, focus_of(scene))
+            if query is None:
+                continue
+            text, accepted = question_text(query), answers(scene, query)
+            if answers(scene, parse_question(text)) != accepted:
+                raise RuntimeError(f"{scene.id}: question does not round-trip: {text!r}")
+            qid = f"{scene.id}-{category}"
+            questions.append({"question_id": qid, "image": scene.image, "text": text, "category": category})
+            answer_rows.append({"question_id": qid, "answers": accepted})
+    return questions, answer_rows
+
+
+def _hallucination_set(scenes, seed, vocab):
+    rows = []
+    for scene in scenes:
+        for category in HALLUCINATION_CATEGORIES:
+            rng = _text_rng(seed, scene, f"hallucination:{category}")
+            pair = hallucination_pair(scene, category, rng, vocab)
+            if pair is None:
+                continue
+            labelled = [("yes", pair[0]), ("no", pair[1])]
+            rng.shuffle(labelled)
+            for label, query in labelled:
+                text = question_text(query)
+                if answers(scene, parse_question(text))[0].lower() != label:
+                    raise RuntimeError(f"{scene.id}: hallucination question does not round-trip: {text!r}")
+                rows.append({"question_id": f"{scene.id}-{category}-{label}", "image": scene.image,
+                             "text": text, "label": label, "category": category})
+    return rows
+
+
+def _llava_sets(scenes, seed, vocab, avoid):
+    pretrain, instruct, turns = [], [], 0
+    for scene in scenes:
+        rng = _text_rng(seed, scene, "caption")
+        request, caption = rng.choice(CAPTION_REQUESTS), caption_text(caption_statements(scene, rng))
+        if not all(evaluate(scene, s) for s in parse_caption(caption)):
+            raise RuntimeError(f"{scene.id}: caption does not round-trip: {caption!r}")
+        pretrain.append({"id": scene.id, "image": scene.image, "conversations": [
+            {"from": "human", "value": f"<image>\n{request}"}, {"from": "gpt", "value": caption}]})
+        rng = _text_rng(seed, scene, "instruct")
+        qa = conversation_turns(scene, rng, vocab, rng.randint(3, 5), avoid)
+        conversation = []
+        for k, (question, reply) in enumerate(qa):
+            conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                             {"from": "gpt", "value": reply}]
+        if conversation:
+            instruct.append({"id": scene.id, "image": scene.image, "conversations": conversation})
+            turns += len(qa)
+    return pretrain, instruct, turns
+
+
+def _by_category(rows):
+    return {"total": len(rows), **{c: sum(r["category"] == c for r in rows) for c in QUESTION_CATEGORIES}}
+
+
+def generate(out_dir: str, *, seed: int = 0, size: str = "default", num_train: int | None = None,
+             num_test: int | None = None, image_size: int = 64, grid: int = 4, max_objects: int = 3,
+             colors=None, shapes=None, compositional: bool = False, overwrite: bool = False) -> dict:
+    """Generate the benchmark into `out_dir` and return its summary (also written to summary.json).
+
+    Args:
+        out_dir: output folder; must be empty or absent unless `overwrite`.
+        seed: every random choice derives from it; the same arguments give byte-identical files.
+        size: scene-count preset, "tiny" (64 train / 32 test), "small" (2,000 / 500) or "default"
+            (20,000 / 2,000); `num_train` / `num_test` override it.
+        image_size: image side in pixels, a multiple of `grid` with cells of at least 8 px.
+        grid: the board is grid×grid cells, one object per cell at most (4: 16 px cells at 64 px,
+            one vision-tower patch each for the tiny presets).
+        max_objects: 2..min(grid², 10) objects per scene.
+        colors, shapes: lists restricting the vocabulary (defaults: scenes.DEFAULT_COLORS / DEFAULT_SHAPES).
+        compositional: hold out ~20% of the (colour, shape) pairs (chosen from the seed) from the train
+            and test scenes and write a "comp" split (num_test scenes, each with at least one held-out
+            pair) with its own comp/cr and comp/vqa sets. Training texts never name a held-out pair
+            (not even in a question whose answer is "No").
+        overwrite: remove the generator's own files in `out_dir` first (other files are left alone).
+
+    Returns:
+        The summary dict: seed, arguments, vocabulary, held-out pairs and counts per file and subset.
+    """
+    if size not in SIZE_PRESETS:
+        raise ValueError(f"size: expected one of {list(SIZE_PRESETS)}, got {size!r}")
+    num_train = SIZE_PRESETS[size][0] if num_train is None else num_train
+    num_test = SIZE_PRESETS[size][1] if num_test is None else num_test
+    _check_int("seed", seed, 0)
+    _check_int("num_train", num_train, 1)
+    _check_int("num_test", num_test, 1)
+    _check_int("grid", grid, 2)
+    _check_int("image_size", image_size, 1)
+    _check_int("max_objects", max_objects, 2)
+    if image_size % grid:
+        raise ValueError(f"image_size: expected a multiple of grid={grid}, got {image_size}")
+    if image_size // grid < MIN_CELL_PIXELS:
+        raise ValueError(f"image_size: cells of {image_size // grid} px are too small to draw shapes in; "
+                         f"expected image_size >= {MIN_CELL_PIXELS} * grid = {MIN_CELL_PIXELS * grid}")
+    if max_objects > min(grid * grid, 10):
+        raise ValueError(f"max_objects: expected at most min(grid*grid, 10) = {min(grid * grid, 10)}, got {max_objects}")
+    vocab = make_vocabulary(colors, shapes)
+    held = held_out_combos(vocab, seed) if compositional else []
+    train_combos = [c for c in vocab.combos() if c not in held]
+    _prepare_out_dir(out_dir, overwrite)
+
+    seen: set = set()
+    common = dict(grid=grid, image_size=image_size, max_objects=max_objects)
+    splits = {"train": _sample_split("train", num_train, seed, vocab, seen, combos=train_combos, require=None, **common),
+              "test": _sample_split("test", num_test, seed, vocab, seen, combos=train_combos, require=None, **common)}
+    if compositional:
+        splits["comp"] = _sample_split("comp", num_test, seed, vocab, seen, combos=None, require=held, **common)
+    _check_splits(splits, held)
+
+    all_scenes = [s for scenes in splits.values() for s in scenes]
+    os.makedirs(os.path.join(out_dir, "images"))
+    for scene in tqdm(all_scenes, desc="rendering", unit="img", disable=None):
+        render(scene).save(os.path.join(out_dir, "images", scene.image), format="PNG")
+    for split, scenes in splits.items():
+        _write_jsonl(os.path.join(out_dir, "scenes", f"{split}.jsonl"), [s.to_dict() for s in scenes])
+
+    counts = {"images": len(all_scenes)}
+    counts.update({f"scenes/{split}.jsonl": len(scenes) for split, scenes in splits.items()})
+    held_set = set(held)
+    no_focus = lambda scene: None  # noqa: E731
+    held_focus = lambda scene: [i for i, o in enumerate(scene.objects) if (o.color, o.shape) in held_set]  # noqa: E731
+    jobs = [("", splits["test"], no_focus)] + ([("comp/", splits["comp"], held_focus)] if compositional else [])
+    with tqdm(total=len(all_scenes) + len(splits["test"]), desc="deriving texts", unit="scene", disable=None) as bar:
+        pretrain, instruct, turns = _llava_sets(splits["train"], seed, vocab, frozenset(held))
+        _write_json(os.path.join(out_dir, "llava_pretrain.json"), pretrain)
+        _write_json(os.path.join(out_dir, "llava_instruct.json"), instruct)
+        counts["llava_pretrain.json"] = len(pretrain)
+        counts["llava_instruct.json"] = {"conversations": len(instruct), "qa_turns": turns}
+        bar.update(len(splits["train"]))
+        for prefix, scenes, focus_of in jobs:
+            for subset, items in _cr_sets(scenes, seed, vocab, focus_of).items():
+                _write_json(os.path.join(out_dir, f"{prefix}cr", f"{subset}.json"), items)
+                counts[f"{prefix}cr/{subset}.json"] = len(items)
+            questions, answer_rows = _vqa_set(scenes, seed, vocab, focus_of)
+            _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "questions.jsonl"), questions)
+            _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "answers.jsonl"), answer_rows)
+            counts[f"{prefix}vqa/questions.jsonl"] = _by_category(questions)
+            counts[f"{prefix}vqa/answers.jsonl"] = len(answer_rows)
+            bar.update(len(scenes))
+        rows = _hallucination_set(splits["test"], seed, vocab)
+        _write_jsonl(os.path.join(out_dir, "hallucination", "questions.jsonl"), rows)
+        counts["hallucination/questions.jsonl"] = {"total": len(rows), **{
+            c: {label: sum(r["category"] == c and r["label"] == label for r in rows) for label in ("yes", "no")}
+            for c in HALLUCINATION_CATEGORIES}}
+        bar.update(len(splits["test"]))
+
+    summary = {
+        "generator": "compodistill.data.synth", "version": GENERATOR_VERSION, "seed": seed,
+        "arguments": {"size": size, "num_train": num_train, "num_test": num_test,
+                      "num_comp": num_test if compositional else 0, "image_size": image_size, "grid": grid,
+                      "max_objects": max_objects, "compositional": compositional},
+        "vocabulary": {"colors": list(vocab.colors), "shapes": list(vocab.shapes), "sizes": list(vocab.sizes)},
+        "held_out_combos": [list(c) for c in held],
+        "counts": counts,
+    }
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def _check_splits(splits, held):
+    """Splits share no scene id and no scene graph; train and test avoid the held-out pairs and every
+    comp scene has one."""
+    ids = [s.id for scenes in splits.values() for s in scenes]
+    keys = [s.key() for scenes in splits.values() for s in scenes]
+    if len(set(ids)) != len(ids) or len(set(keys)) != len(keys):
+        raise RuntimeError("splits: scene ids or scene graphs repeat across splits")
+    held = set(held)
+    for split in ("train", "test"):
+        if any((o.color, o.shape) in held for s in splits[split] for o in s.objects):
+            raise RuntimeError(f"splits: a held-out colour-shape pair appears in {split}")
+    if any(not any((o.color, o.shape) in held for o in s.objects) for s in splits.get("comp", [])):
+        raise RuntimeError("splits: a comp scene has no held-out colour-shape pair")
+
+
+def report(summary: dict, out_dir: str | None = None) -> str:
+    """A short table of what was written: each file with its item count and per-subset counts."""
+    args = summary["arguments"]
+    head = (f"wrote {out_dir or 'benchmark'}: seed {summary['seed']}, {args['num_train']} train / "
+            f"{args['num_test']} test" + (f" / {args['num_comp']} comp" if args["compositional"] else "")
+            + f" scenes, {args['image_size']}px images on a {args['grid']}x{args['grid']} grid")
+    lines = [head, f"{'file':<34} items"]
+    for name, value in summary["counts"].items():
+        if isinstance(value, int):
+            lines.append(f"{name:<34} {value}")
+            continue
+        total = value.get("total", value.get("conversations"))
+        parts = [f"{k} {v['yes']} yes/{v['no']} no" if isinstance(v, dict) else f"{k} {v}"
+                 for k, v in value.items() if k not in ("total", "conversations")]
+        lines.append(f"{name:<34} {total}  ({', '.join(parts)})")
+    if summary["held_out_combos"]:
+        lines.append("held out of training: " + ", ".join(f"{c} {s}" for c, s in summary["held_out_combos"]))
+    lines.append(f"{'summary.json':<34} -")
+    return "\n".join(lines)
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m compodistill.data.synth",
+                                     description="Generate the procedural compositional-reasoning benchmark.")
+    parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=list(SIZE_PRESETS), default="default",
+                        help="scene counts: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in SIZE_PRESETS.items()))
+    parser.add_argument("--train", type=int, default=None, help="number of train scenes (overrides --size)")
+    parser.add_argument("--test", type=int, default=None, help="number of test scenes (overrides --size)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels, a multiple of --grid")
+    parser.add_argument("--grid", type=int, default=4, help="objects snap to the cells of a grid x grid board")
+    parser.add_argument("--max-objects", type=int, default=3, help="objects per scene: 2..max")
+    parser.add_argument("--colors", type=_comma_list, default=None,
+                        help=f"comma list restricting the colours (from {','.join(PALETTE)})")
+    parser.add_argument("--shapes", type=_comma_list, default=None,
+                        help=f"comma list restricting the shapes (from {','.join(SHAPES)})")
+    parser.add_argument("--compositional", action="store_true",
+                        help="hold ~20%% of colour-shape pairs out of training and write a comp/ split")
+    parser.add_argument("--overwrite", action="store_true", help="replace the generator's files in a non-empty --out")
+    return parser
+
+
+_ARG_NAMES = {"num_train": "--train", "num_test": "--test", "image_size": "--image-size", "grid": "--grid",
+              "max_objects": "--max-objects", "colors": "--colors", "shapes": "--shapes", "seed": "--seed",
+              "out_dir": "--out", "num_train/num_test": "--train/--test"}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        summary = generate(args.out, seed=args.seed, size=args.size, num_train=args.train, num_test=args.test,
+                           image_size=args.image_size, grid=args.grid, max_objects=args.max_objects,
+                           colors=args.colors, shapes=args.shapes, compositional=args.compositional,
+                           overwrite=args.overwrite)
+    except ValueError as err:
+        name, _, rest = str(err).partition(":")
+        parser.error(f"{_ARG_NAMES.get(name, name)}:{rest}" if rest else str(err))
+    print(report(summary, args.out))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
