@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 kernel_packages = ["compodistill_kernels"] + [
     "compodistill_kernels." + p for p in find_packages("kernels")
 ]
-library_packages = find_packages(include=["compodistill", "compodistill.*"])
+library_packages = find_packages(include=["compodistill", "compodistill.*"]) + ["compodistill.configs"]
 
 setup(
     name="compodistill",
@@ -18,7 +18,9 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=library_packages + kernel_packages,
-    package_dir={"compodistill": "compodistill", "compodistill_kernels": "kernels"},
+    # The stage configs live in the top-level configs/ folder and install as compodistill.configs.
+    package_dir={"compodistill": "compodistill", "compodistill_kernels": "kernels", "compodistill.configs": "configs"},
+    package_data={"compodistill.configs": ["*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -29,6 +31,9 @@ setup(
         "safetensors",
         "pillow",
         "datasets>=2.14",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "tensorboard",
         "matplotlib",
         "numpy",
         "tqdm",

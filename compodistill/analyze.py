@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .data.chat import encode_prompt
 from .data.images import load_image, pixel_values
 from .distill.layers import match_layers, target_layers
-from .evaluate import TWO_CHOICE_PROMPT, letter_token_ids
+from .data.benchmarks import TWO_CHOICE_PROMPT
+from .evaluate import letter_token_ids
 from .models import AttentionProbe, SliceRows, enable_compodistill_attention, load_mllm, visual_token_positions
 
 

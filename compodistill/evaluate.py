@@ -28,12 +28,11 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from .data.benchmarks import default_image_folder, read_sugarcrepe, read_vqa, read_yes_no
+from .data.benchmarks import TWO_CHOICE_PROMPT, default_image_folder, read_sugarcrepe, read_vqa, read_yes_no
 from .data.chat import encode_prompt, tokenize_conversation
 from .data.images import load_image, pixel_values
 from .models import IMAGE_TOKEN, enable_compodistill_attention, load_mllm
 
-TWO_CHOICE_PROMPT = "Which caption best describes the image? (A) {first} (B) {second} Answer with the option's letter."
 DESCRIBE_PROMPT = "Describe the image."
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 

@@ -162,7 +162,7 @@ def test_vision_tower_keeps_sdpa_and_bad_requests_fail_clearly():
     rows = query_rows("text", batch["attention_mask"], batch["labels"], vs, nv)
     with pytest.raises(ValueError, match="export"):
         AttentionProbe(rows, export={1: "sum"})
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="more than one"):
         AttentionProbe(rows, export={1: "rows"}, align={1: torch.zeros(3, rows.query_len, nv)})
     probe = AttentionProbe(rows, align={1: torch.zeros(3, rows.query_len, nv + 1)})
     with pytest.raises(ValueError, match="teacher_slice"):

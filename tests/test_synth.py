@@ -291,6 +291,7 @@ def test_hallucination_set_is_balanced_and_correct(tiny):
 def test_llava_files(tiny):
     out, _, _ = tiny
     train = _scenes(out, "train")
+    two_choice = 0
     for name in ("llava_pretrain.json", "llava_instruct.json"):
         records = json.loads((out / name).read_text())
         assert len(records) == len(train)
@@ -306,13 +307,22 @@ def test_llava_files(tiny):
                 assert all(holds(scene, s) for s in parse_caption(turns[1]["value"]))
             else:
                 for human, gpt in zip(turns[::2], turns[1::2]):
-                    query = parse_question(human["value"].replace("<image>\n", ""))
+                    question = human["value"].replace("<image>\n", "")
+                    choice = re.fullmatch(r"Which caption best describes the image\? \(A\) (.*) \(B\) (.*) "
+                                          r"Answer with the option's letter\.", question)
+                    if choice:  # multiple-choice turn: the answer's letter names the true caption
+                        truths = [evaluate(scene, parse_statement(c)) for c in choice.groups()]
+                        assert truths == ([True, False] if gpt["value"] == "A" else [False, True]), question
+                        two_choice += 1
+                        continue
+                    query = parse_question(question)
                     assert gpt["value"] == answer(scene, query) and len(gpt["value"].split()) <= 4
+    assert two_choice >= len(train) // 2  # most training conversations carry a multiple-choice turn
 
 
 def test_texts_use_the_tiny_tokenizer_words(tiny):
     out, _, _ = tiny
-    known = set(_WORDS)
+    known = set(_WORDS) | {"b", "s"}  # the option letter (B) and the possessive of "option's"
     text = " ".join([(out / "llava_pretrain.json").read_text(), (out / "llava_instruct.json").read_text(),
                      (out / "cr/add_obj.json").read_text(), (out / "vqa/questions.jsonl").read_text()])
     values = re.findall(r'"(?:value|caption|negative_caption|text)": "([^"]*)"', text)

@@ -25,6 +25,10 @@ from .images import resolve_image
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 
 
+# The paper's two-choice CR prompt (asked in both orders at evaluation). The generator also uses it for
+# the multiple-choice turns of its instruction data, as LLaVA-665K carries multiple-choice questions.
+TWO_CHOICE_PROMPT = "Which caption best describes the image? (A) {first} (B) {second} Answer with the option's letter."
+
 @dataclass(frozen=True)
 class CRItem:
     """One two-caption item: the image, its true caption and the hard negative."""

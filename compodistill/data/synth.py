@@ -33,13 +33,14 @@ import time
 
 from tqdm import tqdm
 
+from .benchmarks import TWO_CHOICE_PROMPT
 from .scenes import (BACKGROUND, CAPTION_REQUESTS, CR_SUBSETS, HALLUCINATION_CATEGORIES, PALETTE,
                      QUESTION_CATEGORIES, SHAPES, Scene, answers, caption_statements, caption_text,
                      conversation_turns, cr_pair, evaluate, hallucination_pair, held_out_combos,
-                     make_query, make_vocabulary, parse_caption, parse_question, parse_statement,
+                     make_query, make_vocabulary, mentioned_combos, parse_caption, parse_question, parse_statement,
                      question_text, sample_scene, statement_text)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SIZE_PRESETS = {"tiny": (64, 32), "small": (2000, 500), "default": (20000, 2000)}
 # Files and folders this generator owns; --overwrite removes exactly these.
 LAYOUT = ("images", "scenes", "cr", "vqa", "hallucination", "comp", "llava_pretrain.json",
@@ -224,6 +225,19 @@ def _hallucination_set(scenes, seed, vocab):
     return rows
 
 
+def _two_choice_turn(scene, rng, vocab, avoid):
+    """A multiple-choice turn in the CR evaluation's format (a true and a false caption of a train scene,
+    in random order, answered with the letter), so that the letter protocol is a learned skill."""
+    subset = rng.choice(CR_SUBSETS)
+    made = cr_pair(scene, subset, rng, vocab)
+    if made is None or (mentioned_combos(made[0]) | mentioned_combos(made[1])) & avoid:
+        return None
+    caption, negative = statement_text(made[0]), statement_text(made[1])
+    if rng.random() < 0.5:
+        return TWO_CHOICE_PROMPT.format(first=caption, second=negative), "A"
+    return TWO_CHOICE_PROMPT.format(first=negative, second=caption), "B"
+
+
 def _llava_sets(scenes, seed, vocab, avoid):
     pretrain, instruct, turns = [], [], 0
     for scene in scenes:
@@ -235,6 +249,9 @@ def _llava_sets(scenes, seed, vocab, avoid):
             {"from": "human", "value": f"<image>\n{request}"}, {"from": "gpt", "value": caption}]})
         rng = _text_rng(seed, scene, "instruct")
         qa = conversation_turns(scene, rng, vocab, rng.randint(3, 5), avoid)
+        choice = _two_choice_turn(scene, _text_rng(seed, scene, "two-choice"), vocab, avoid)
+        if choice is not None:
+            qa.insert(rng.randrange(len(qa) + 1), choice)
         conversation = []
         for k, (question, reply) in enumerate(qa):
             conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},

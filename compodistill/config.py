@@ -1,0 +1,327 @@
+"""Training configuration: one YAML per stage, `key=value` overrides, strict validation.
+
+A config is a tree of dataclasses. `load_config(path_or_name, overrides)` reads the YAML, applies the
+overrides (`optim.lr=1e-4`, `losses.vat=0`, `model.teacher=runs/teacher/final`; values are parsed as
+YAML), and checks every key and type, so that a typo or an impossible combination fails at once with a
+ValueError naming the dotted key. The merged config is printed at start and saved with every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+STAGES = ("teacher-pretrain", "teacher-finetune", "dpt", "dft", "sft", "baseline-sft", "baseline-kd")
+TRAINABLE_PARTS = ("projector", "post_projector", "lm", "lora", "vision", "all")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """path: the model that trains (a preset, a checkpoint folder, or {vision_tower, language_model,
+    projector} paths); teacher: a preset or folder, needed by kd/vat/taf; taf: give the student the
+    teacher's projector plus a trainable post-projector (skipped if it already has one);
+    vision_from_teacher: copy the teacher's vision tower into the student (they share one SigLIP)."""
+
+    path: typing.Any = "tiny-student"
+    teacher: typing.Any = None
+    taf: bool = False
+    vision_from_teacher: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])
+    merge_on_save: bool = True   # false: also keep the unmerged adapter in final/adapter
+
+
+@dataclass
+class DataConfig:
+    """LLaVA JSON (or JSONL) with images under image_folder."""
+
+    json: str = ""
+    image_folder: str = ""
+    max_length: int = 1536
+    on_bad_sample: str = "raise"
+    padding_side: str = "right"
+    num_workers: int = 0
+
+
+@dataclass
+class LossWeights:
+    lm: float = 1.0
+    kd: float = 0.0
+    vat: float = 0.0
+
+
+@dataclass
+class KDConfig:
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    chunk_size: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: typing.Optional[int] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    attention_backend: str = "auto"
+    log_every: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    stage: str = "dft"
+    seed: int = 0
+    output_dir: str = "runs/dft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainable: list = field(default_factory=lambda: ["lora", "post_projector"])
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: LossWeights = field(default_factory=LossWeights)
+    kd: KDConfig = field(default_factory=KDConfig)
+    vat: dict = field(default_factory=lambda: {"preset": "paper"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.losses.kd > 0 or self.losses.vat > 0 or self.model.taf or self.model.vision_from_teacher
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building from nested dicts, with errors that name the dotted key
+# ---------------------------------------------------------------------------------------------------
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, values, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key; expected one of {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, key)
+            continue
+        if not _type_ok(value, annotation):
+            expected = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+            raise ValueError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+        kwargs[name] = float(value) if annotation is float else value
+    return cls(**kwargs)
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+
+
+def validate(config: Config) -> Config:
+    """Checks that need more than one key, or the value ranges, with errors naming the key."""
+    from .distill import KD_KINDS, VATConfig
+
+    _choice("stage", config.stage, STAGES)
+    if not config.trainable:
+        raise ValueError("trainable: expected at least one of " + ", ".join(TRAINABLE_PARTS))
+    for part in config.trainable:
+        _choice("trainable", part, TRAINABLE_PARTS)
+    if "lora" in config.trainable and ({"lm", "all"} & set(config.trainable)):
+        raise ValueError("trainable: 'lora' and full fine-tuning ('lm'/'all') exclude each other")
+    for key, value in (("seed", config.seed), ("model.seed", config.model.seed)):
+        if value < 0:
+            raise ValueError(f"{key}: expected an int >= 0, got {value}")
+    for name in ("lm", "kd", "vat"):
+        if getattr(config.losses, name) < 0:
+            raise ValueError(f"losses.{name}: expected a weight >= 0, got {getattr(config.losses, name)}")
+    if config.losses.lm + config.losses.kd + config.losses.vat <= 0:
+        raise ValueError("losses: every weight is 0; nothing would train")
+    if config.needs_teacher and config.model.teacher is None:
+        raise ValueError(f"model.teacher: stage {config.stage!r} needs a teacher (kd {config.losses.kd:g}, "
+                         f"vat {config.losses.vat:g}, taf {config.model.taf}, "
+                         f"vision_from_teacher {config.model.vision_from_teacher})")
+    _choice("kd.kind", config.kd.kind, KD_KINDS)
+    if not config.kd.temperature > 0:
+        raise ValueError(f"kd.temperature: expected > 0, got {config.kd.temperature}")
+    try:
+        VATConfig.from_dict(config.vat)
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith("vat") else f"vat: {err}") from None
+    if not config.data.json:
+        raise ValueError("data.json: expected the path of a LLaVA JSON/JSONL file")
+    if not config.data.image_folder:
+        raise ValueError("data.image_folder: expected the folder the JSON's image paths are relative to")
+    _choice("data.on_bad_sample", config.data.on_bad_sample, ("raise", "skip"))
+    _choice("data.padding_side", config.data.padding_side, ("right", "left"))
+    _choice("optim.scheduler", config.optim.scheduler, SCHEDULERS)
+    _choice("train.mixed_precision", config.train.mixed_precision, MIXED_PRECISION)
+    _choice("train.attention_backend", config.train.attention_backend, ("auto", "torch", "triton"))
+    positive = {"optim.lr": config.optim.lr, "train.epochs": config.train.epochs,
+                "train.batch_size": config.train.batch_size, "train.grad_accum": config.train.grad_accum,
+                "train.log_every": config.train.log_every, "checkpoint.every": config.checkpoint.every,
+                "checkpoint.keep": config.checkpoint.keep, "data.max_length": config.data.max_length,
+                "lora.r": config.lora.r, "kd.chunk_size": config.kd.chunk_size}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{key}: expected > 0, got {value}")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise ValueError(f"train.max_steps: expected >= 1 or null, got {config.train.max_steps}")
+    if not 0 <= config.optim.warmup_ratio < 1:
+        raise ValueError(f"optim.warmup_ratio: expected a fraction in [0, 1), got {config.optim.warmup_ratio}")
+    if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
+        raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {config.optim.betas}")
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    return validate(_build(Config, values, ""))
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and overrides
+# ---------------------------------------------------------------------------------------------------
+
+def packaged_config_names() -> list[str]:
+    """Configs shipped with the package (the repository's configs/ folder)."""
+    folder = resources.files("compodistill.configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(path_or_name: str) -> str:
+    """A YAML path, or the name of a packaged config ("dft" → configs/dft.yaml)."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    name = os.path.basename(path_or_name)
+    name = name[:-5] if name.endswith(".yaml") else name
+    packaged = resources.files("compodistill.configs") / f"{name}.yaml"
+    if packaged.is_file():
+        return str(packaged)
+    raise ValueError(f"--config: no file {path_or_name!r} and no packaged config of that name "
+                     f"(packaged: {', '.join(packaged_config_names())})")
+
+
+def apply_overrides(values: dict, overrides) -> dict:
+    """`a.b=c` overrides on a nested dict; values are parsed as YAML ("1e-4", "[1, 2]", "null")."""
+    values = yaml.safe_load(yaml.safe_dump(values))  # a deep copy
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: empty key")
+        target = values
+        for i, part in enumerate(parts[:-1]):
+            node = target.get(part)
+            if node is None:
+                node = target[part] = {}
+            if not isinstance(node, dict):
+                raise ValueError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+            target = node
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)
+        target[parts[-1]] = value
+    return values
+
+
+def _looks_numeric(text: str) -> bool:
+    # PyYAML reads "1e-4" (no dot) as a string; numbers in configs mean numbers.
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(ch.isdigit() for ch in text)
+
+
+def load_config(path_or_name: str | None = None, overrides=None, *, base: dict | None = None) -> Config:
+    """Read a YAML config (or start from `base`), apply overrides and validate."""
+    values = dict(base or {})
+    if path_or_name is not None:
+        path = resolve_config_path(path_or_name)
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config: {path} does not hold a mapping")
+        values = _deep_merge(values, loaded)
+    values = apply_overrides(values, overrides)
+    for key in ("optim", "kd", "losses"):  # YAML ints where floats are meant are fine
+        section = values.get(key)
+        if isinstance(section, dict):
+            for name, value in section.items():
+                if isinstance(value, str) and _looks_numeric(value):
+                    section[name] = float(value)
+    return config_from_dict(values)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Stage configs, installed as the package data `compodistill.configs` (`--config dft` finds dft.yaml)."""
