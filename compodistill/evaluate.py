@@ -28,13 +28,13 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from .data.benchmarks import TWO_CHOICE_PROMPT, default_image_folder, read_sugarcrepe, read_vqa, read_yes_no
+from .data.benchmarks import (SHORT_ANSWER_PROMPT, TWO_CHOICE_PROMPT, default_image_folder, read_sugarcrepe, read_vqa,
+                              read_yes_no, short_answer_prompt)
 from .data.chat import encode_prompt, tokenize_conversation
 from .data.images import load_image, pixel_values
 from .models import IMAGE_TOKEN, enable_compodistill_attention, load_mllm
 
 DESCRIBE_PROMPT = "Describe the image."
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,13 +287,6 @@ def normalize_answer(text: str) -> str:
         if word not in _ARTICLES:
             words.append(_CONTRACTIONS.get(word, word))
     return " ".join(words)
-
-
-def short_answer_prompt(question: str) -> str:
-    """The question with LLaVA's short-answer instruction appended (once)."""
-    if SHORT_ANSWER_PROMPT.lower() in question.lower():
-        return question
-    return f"{question}\n{SHORT_ANSWER_PROMPT}"
 
 
 def _answer_all(mllm, items, *, batch_size, max_new_tokens, backend, progress, desc) -> list[str]:

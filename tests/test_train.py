@@ -224,3 +224,45 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for row in results["results"].values():
         assert 0.0 <= row["cr"] <= 1.0 and 0.0 <= row["vqa"] <= 1.0 and len(row["cr_subsets"]) == 7
     assert "| model | VQA | CR avg |" in out and results["note"]
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from compodistill.recipe import lr_lambda
+
+    cosine = lr_lambda("cosine", warmup=4, total=20)
+    values = [cosine(step) for step in range(20)]
+    assert values[:4] == sorted(values[:4]) and values[3] < 1.0  # linear warmup
+    assert values[4] == 1.0 and values[4:] == sorted(values[4:], reverse=True) and values[-1] < 0.05
+    assert lr_lambda("constant", 0, 10)(7) == 1.0
+    assert abs(lr_lambda("linear", 0, 10)(5) - 0.5) < 1e-9
+
+
+def test_gradient_accumulation_matches_the_larger_batch(world, tmp_path):
+    curves = []
+    for name, extra in (("big", ["train.batch_size=8"]), ("accum", ["train.batch_size=4", "train.grad_accum=2"])):
+        config = load_config("baseline-kd", _overrides(world, tmp_path / name, "train.max_steps=5",
+                                                       "model.path=tiny-student", *extra))
+        curves.append(_curve(Recipe(config, progress=False).run()["metrics"]))
+    (a, b) = curves
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
+    # Each micro-batch averages its own tokens, so the accumulated loss is a mean of two means.
+    assert torch.allclose(torch.tensor([x for _, x in a]), torch.tensor([x for _, x in b]), rtol=5e-3)
+
+
+def test_pipeline_chains_stages_from_each_previous_final_model(world, tmp_path):
+    from compodistill.models import build_preset as preset
+    from compodistill.train import main
+
+    root = tmp_path / "runs"
+    preset("tiny-teacher", seed=1).save_pretrained(root / "teacher-finetune" / "final")
+    overrides = [o for o in _overrides(world, root / "unused", "train.max_steps=2")
+                 if not o.startswith(("output_dir=", "model.teacher="))]  # the pipeline sets these
+    assert main(["--pipeline", "compodistill", "--root", str(root), "--no-progress", *overrides]) == 0
+    import yaml
+
+    for stage, source in (("dpt", "tiny-student"), ("dft", f"{root}/dpt/final"), ("sft", f"{root}/dft/final")):
+        assert (root / stage / "final" / "config.json").is_file()
+        saved = yaml.safe_load((root / stage / "config.yaml").read_text())
+        assert saved["model"]["path"] == source and saved["output_dir"] == f"{root}/{stage}"
+    # --resume skips finished stages
+    assert main(["--pipeline", "compodistill", "--root", str(root), "--no-progress", "--resume", *overrides]) == 0

@@ -28,6 +28,15 @@ SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "repla
 # The paper's two-choice CR prompt (asked in both orders at evaluation). The generator also uses it for
 # the multiple-choice turns of its instruction data, as LLaVA-665K carries multiple-choice questions.
 TWO_CHOICE_PROMPT = "Which caption best describes the image? (A) {first} (B) {second} Answer with the option's letter."
+# LLaVA's short-answer instruction, on VQA-style questions in LLaVA-665K and at VQA evaluation.
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+
+
+def short_answer_prompt(question: str) -> str:
+    """The question with LLaVA's short-answer instruction appended (once)."""
+    if SHORT_ANSWER_PROMPT.lower() in question.lower():
+        return question
+    return f"{question}\n{SHORT_ANSWER_PROMPT}"
 
 @dataclass(frozen=True)
 class CRItem:

@@ -33,14 +33,14 @@ import time
 
 from tqdm import tqdm
 
-from .benchmarks import TWO_CHOICE_PROMPT
+from .benchmarks import TWO_CHOICE_PROMPT, short_answer_prompt
 from .scenes import (BACKGROUND, CAPTION_REQUESTS, CR_SUBSETS, HALLUCINATION_CATEGORIES, PALETTE,
                      QUESTION_CATEGORIES, SHAPES, Scene, answers, caption_statements, caption_text,
                      conversation_turns, cr_pair, evaluate, hallucination_pair, held_out_combos,
                      make_query, make_vocabulary, mentioned_combos, parse_caption, parse_question, parse_statement,
                      question_text, sample_scene, statement_text)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SIZE_PRESETS = {"tiny": (64, 32), "small": (2000, 500), "default": (20000, 2000)}
 # Files and folders this generator owns; --overwrite removes exactly these.
 LAYOUT = ("images", "scenes", "cr", "vqa", "hallucination", "comp", "llava_pretrain.json",
@@ -252,6 +252,8 @@ def _llava_sets(scenes, seed, vocab, avoid):
         choice = _two_choice_turn(scene, _text_rng(seed, scene, "two-choice"), vocab, avoid)
         if choice is not None:
             qa.insert(rng.randrange(len(qa) + 1), choice)
+        # Short-answer questions carry LLaVA's instruction, as in LLaVA-665K and at VQA evaluation.
+        qa = [(q if q.startswith("Which caption") else short_answer_prompt(q), a) for q, a in qa]
         conversation = []
         for k, (question, reply) in enumerate(qa):
             conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},

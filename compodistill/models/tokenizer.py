@@ -32,7 +32,7 @@ red green blue yellow purple orange pink brown black white gray grey cyan magent
 circle circles square squares triangle triangles star stars cross crosses diamond diamonds
 hexagon hexagons ring rings heart hearts rectangle rectangles ellipse ellipses
 count number total visible present exist exists contain contains containing
-user assistant system please carefully short word single sentence
+user assistant system please carefully short word single sentence using phrase
 """.split()
 
 
