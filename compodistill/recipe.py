@@ -105,7 +105,7 @@ class Recipe:
         acc = self.accelerator
 
         self.student = load_mllm(cfg.model.path, seed=cfg.model.seed)
-        self.teacher = load_mllm(cfg.model.teacher) if cfg.model.teacher is not None else None
+        self.teacher = load_mllm(cfg.model.teacher) if cfg.needs_teacher else None
         if self.teacher is not None:
             if cfg.model.vision_from_teacher:
                 self.student.model.model.vision_tower.load_state_dict(

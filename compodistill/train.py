@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             return 0 if result["status"] == "finished" else 130
         if args.pipeline:
             results = run_pipeline(args.pipeline, args.root, args.overrides, resume=args.resume, progress=progress)
-            return 0 if results[-1]["status"] == "finished" else 130
+            return 0 if all(r["status"] == "finished" for r in results) else 130
         if args.overrides:
             parser.error("overrides need --config or --pipeline")
         from .demo import run_demo
