@@ -23,7 +23,7 @@ from .data.synth import generate
 # trains everything and the students fine-tune their whole LM (the YAMLs' LoRA is for pretrained LMs).
 SCALES = {
     "quick": dict(size="tiny", teacher_steps=(25, 45), student_steps=20, batch=16, eval_limit=12, lr=1e-3),
-    "full": dict(size="small", teacher_steps=(150, 350), student_steps=100, batch=32, eval_limit=60, lr=1e-3),
+    "full": dict(size="small", teacher_steps=(150, 350), student_steps=100, batch=16, eval_limit=60, lr=1e-3),
 }
 CR_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
 
