@@ -1,6 +1,6 @@
 """`python -m compodistill.train`: run one stage, a chain of stages, or (with no arguments) the demo.
 
-    python -m compodistill.train                                   # end-to-end demo on the CPU (~20 min)
+    python -m compodistill.train                                   # end-to-end demo on the CPU (~11 min on 2 cores)
     python -m compodistill.train --quick                           # the same, small (~2 min)
     python -m compodistill.train --config configs/dft.yaml optim.lr=1e-4 train.max_steps=100
     python -m compodistill.train --pipeline compodistill --root runs   # DPT → DFT → SFT
