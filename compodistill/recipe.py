@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import Config, config_to_dict, dump_config
 from .distill import DistillConfig, Distiller
 from .models import MLLM, apply_taf, enable_gradient_checkpointing, load_mllm
-from .models.mllm import TAFProjector
+from .models.mllm import TAFProjector, unwrap_peft
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -62,7 +62,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def _param_groups(model, trainable) -> dict:
     """Parameters of each named part of a (possibly peft-wrapped) LLaVA."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     projector = base.model.multi_modal_projector
     parts = {
         "projector": list(projector.parameters()),
@@ -133,7 +133,7 @@ class Recipe:
         if not self.trainable:
             raise ValueError(f"trainable: {cfg.trainable} selects no parameter in this model")
         if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+            enable_gradient_checkpointing(unwrap_peft(model))
         model.train()
 
         distill = DistillConfig(weights={"lm": cfg.losses.lm, "kd": cfg.losses.kd, "vat": cfg.losses.vat},
@@ -241,7 +241,7 @@ class Recipe:
                     self.batches_in_epoch += 1
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens = tokens + batch["attention_mask"].sum()  # a tensor: no host sync per step
                     del losses
                     if not acc.sync_gradients:
                         continue
@@ -284,7 +284,7 @@ class Recipe:
         micro = self.config.train.grad_accum
         names = sorted(sums)
         values = acc.reduce(torch.stack([sums[n] / micro for n in names]).float(), reduction="mean")
-        token_count = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum")
+        token_count = acc.reduce(torch.as_tensor(tokens, device=acc.device).float(), reduction="sum")
         elapsed = max(time.time() - started, 1e-9)
         record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0]}
         record |= {n: v for n, v in zip(names, values.tolist())}

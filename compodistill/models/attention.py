@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from compodistill_kernels import attention_with_alignment, attention_with_visual_slice, flash_attention
 
+from .mllm import unwrap_peft
+
 ATTENTION_NAME = "compodistill"
 BACKENDS = ("auto", "torch", "triton")
 
@@ -198,7 +200,7 @@ def language_model_attention_modules(model):
 
 
 def _language_model(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     inner = getattr(base, "model", base)
     return getattr(inner, "language_model", inner)
 
@@ -212,7 +214,7 @@ def enable_compodistill_attention(model, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     register_compodistill_attention()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if hasattr(base.config, "text_config"):
         base.set_attn_implementation({"text_config": ATTENTION_NAME})
     else:
@@ -226,6 +228,6 @@ def enable_compodistill_attention(model, backend: str = "auto"):
 
 
 def num_language_model_layers(model) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = getattr(base.config, "text_config", base.config)
     return config.num_hidden_layers

@@ -89,6 +89,11 @@ def llava_class():
     return _LLAVA_CLASS
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _vision_feature_size(config) -> int:
     layers = config.vision_feature_layer
     return config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
