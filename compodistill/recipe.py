@@ -222,7 +222,7 @@ class Recipe:
             os.remove(metrics_path)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
-        sums, tokens, started = {}, 0, time.time()
+        sums, tokens, micro_batches, started = {}, 0, 0, time.time()
         status = "finished"
         with self._signals():
             while self.step < self.total_steps and status == "finished":
@@ -241,6 +241,7 @@ class Recipe:
                     self.batches_in_epoch += 1
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + value.detach()
+                    micro_batches += 1
                     tokens = tokens + batch["attention_mask"].sum()  # a tensor: no host sync per step
                     del losses
                     if not acc.sync_gradients:
@@ -248,10 +249,10 @@ class Recipe:
                     self.step += 1
                     bar.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        record = self._log(sums, tokens, started, metrics_path)
+                        record = self._log(sums, micro_batches, tokens, started, metrics_path)
                         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "lm", "kd", "vat")}
                                         | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-                        sums, tokens, started = {}, 0, time.time()
+                        sums, tokens, micro_batches, started = {}, 0, 0, time.time()
                     if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
                     if self.stop_signal is not None:
@@ -279,11 +280,11 @@ class Recipe:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
         return self.distiller(inputs)
 
-    def _log(self, sums, tokens, started, metrics_path) -> dict:
+    def _log(self, sums, micro_batches, tokens, started, metrics_path) -> dict:
+        """Append the mean of each loss over the micro-batches since the last log (all processes)."""
         acc = self.accelerator
-        micro = self.config.train.grad_accum
         names = sorted(sums)
-        values = acc.reduce(torch.stack([sums[n] / micro for n in names]).float(), reduction="mean")
+        values = acc.reduce(torch.stack([sums[n] / max(1, micro_batches) for n in names]).float(), reduction="mean")
         token_count = acc.reduce(torch.as_tensor(tokens, device=acc.device).float(), reduction="sum")
         elapsed = max(time.time() - started, 1e-9)
         record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0]}

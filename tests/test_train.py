@@ -266,3 +266,20 @@ def test_pipeline_chains_stages_from_each_previous_final_model(world, tmp_path):
         assert saved["model"]["path"] == source and saved["output_dir"] == f"{root}/{stage}"
     # --resume skips finished stages
     assert main(["--pipeline", "compodistill", "--root", str(root), "--no-progress", "--resume", *overrides]) == 0
+
+
+def test_logged_losses_are_means_over_the_logging_window(world, tmp_path):
+    """With log_every > 1 (and accumulation), each logged loss is the mean of the window's micro-batch
+    losses, not their sum: the same run logged every step and every 3 steps agree."""
+    every = _overrides(world, tmp_path / "every", "model.path=tiny-teacher", "model.teacher=null",
+                       "train.max_steps=6", "train.grad_accum=2", "train.batch_size=4")
+    window = [o.replace("train.log_every=1", "train.log_every=3") for o in
+              _overrides(world, tmp_path / "window", "model.path=tiny-teacher", "model.teacher=null",
+                         "train.max_steps=6", "train.grad_accum=2", "train.batch_size=4")]
+    Recipe(load_config("teacher-finetune", every), progress=False).run()
+    Recipe(load_config("teacher-finetune", window), progress=False).run()
+    per_step = [r["lm"] for r in read_metrics(tmp_path / "every" / "metrics.jsonl")]
+    logged = [r["lm"] for r in read_metrics(tmp_path / "window" / "metrics.jsonl")]
+    assert len(per_step) == 6 and len(logged) == 2
+    for k, value in enumerate(logged):
+        assert value == pytest.approx(sum(per_step[3 * k:3 * k + 3]) / 3, rel=1e-4)
