@@ -38,7 +38,7 @@ class Prompt:
 
     input_ids: torch.Tensor      # (1, L)
     pixel_values: torch.Tensor   # (1, 3, H, W)
-    correct: int                 # 0 for "A", 1 for "B"
+    correct: int | None          # 0 for "A", 1 for "B"; None for a question without options
 
 
 def two_choice_prompts(mllm, item) -> list[Prompt]:
@@ -108,8 +108,8 @@ def layer_similarity(teacher, student, prompts, matches) -> dict:
                 break
             t_slices, _ = _slices(teacher, prompt, sorted(set(matches.values())), keys)
             sims[keys] = {s: _row_cosine(s_slices[s], t_slices[t]) for s, t in matches.items()}
-            if keys == "visual":
-                prob = torch.softmax(s_logits, -1)[letters[prompt.correct]].item()
+            if keys == "visual":  # prompts without options (correct=None) have no answer probability
+                prob = float("nan") if prompt.correct is None else torch.softmax(s_logits, -1)[letters[prompt.correct]].item()
         if len(sims) < 2:
             continue
         counted += 1

@@ -4,6 +4,7 @@
     python -m compodistill.train --quick                           # the same, small (~2 min)
     python -m compodistill.train --config configs/dft.yaml optim.lr=1e-4 train.max_steps=100
     python -m compodistill.train --pipeline compodistill --root runs   # DPT → DFT → SFT
+    python -m compodistill.train --pipeline ablations               # the miniature reproduction → results/miniature.md
     python -m compodistill.train --config dft --resume            # continue from the last checkpoint
     accelerate launch -m compodistill.train --config dft          # DDP / FSDP / DeepSpeed via accelerate
 
@@ -69,13 +70,17 @@ def build_parser():
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. optim.lr=1e-4)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--config", help="a stage YAML, or the name of a packaged one (dpt, dft, sft, ...)")
-    mode.add_argument("--pipeline", choices=sorted(PIPELINES), help="run a chain of stages")
+    mode.add_argument("--pipeline", choices=sorted(PIPELINES) + ["ablations"],
+                      help="run a chain of stages, or 'ablations': the miniature reproduction (compodistill.miniature)")
     parser.add_argument("--root", default="runs", help="output root of a pipeline (default runs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--quick", action="store_true", help="demo: the small version (~2 min on 2 cores)")
     parser.add_argument("--from-scratch", action="store_true", help="demo: retrain the teacher even if one exists")
     parser.add_argument("--demo-root", default="runs/demo", help="demo: output folder (default runs/demo)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--scale", default="full", help="ablations: 'full' (the committed results) or 'smoke'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablations: seeds (default: the scale's)")
+    parser.add_argument("--results", default="results/miniature.md", help="ablations: the Markdown table to write")
     return parser
 
 
@@ -87,6 +92,13 @@ def main(argv=None) -> int:
         if args.config:
             result = run_stage(args.config, args.overrides, resume=args.resume, progress=progress)
             return 0 if result["status"] == "finished" else 130
+        if args.pipeline == "ablations":
+            from .miniature import command_line, run_ablations
+
+            root = args.root if args.root != "runs" else "runs/miniature"
+            run_ablations(root, scale=args.scale, results=args.results, seeds=args.seeds, progress=progress,
+                          command=command_line(argv if argv is not None else sys.argv[1:]))
+            return 0
         if args.pipeline:
             results = run_pipeline(args.pipeline, args.root, args.overrides, resume=args.resume, progress=progress)
             return 0 if all(r["status"] == "finished" for r in results) else 130
