@@ -1,8 +1,13 @@
-"""Time and peak memory of every provider on a CUDA GPU, with triton.testing.do_bench (median).
+"""Cross-check of the pytest benchmarks with triton.testing.do_bench on a CUDA GPU.
 
-    python -m benchmarks.run_gpu --out benchmarks/results.json [--models qwen1.5-4b] [--lens 1024 2048]
+    python -m benchmarks.run_gpu --op alignment --models qwen1.5-4b --lens 1024 2048 4096 8192 \\
+        [--batch 1] [--modes forward full] [--providers ours eager] [--out results.json]
 
-Prints a Markdown table (device, versions, shapes) and writes the raw numbers as JSON.
+The same providers and steps as `pytest benchmarks/` (providers.py), timed by do_bench (median of CUDA-
+event timings, L2 cache flushed between runs) instead of pytest-benchmark's wall clock. Modes: forward
+and full (do_bench has no untimed setup, which the backward-only mode needs). Prints a Markdown table
+(device, versions, shapes) and writes the raw numbers as JSON. The main report is `python -m
+benchmarks.report` on pytest-benchmark's JSON; this runner produced the first H100 table in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,74 +18,77 @@ import json
 import platform
 
 import torch
-import triton
-from triton.testing import do_bench
 
-from .providers import PROVIDERS, attention_flops, build, make_inputs
-from .shapes import MODELS, SEQ_LENS
+from .providers import OPS, PROVIDERS, attention_flops, make_step, skip_reason
+from .shapes import MODELS, SEQ_LENS, Case
 
 MODES = ("forward", "full")
 
 
-def measure(provider, shape, batch, seq_len, dtype, mode):
-    torch.cuda.empty_cache()
-    q, k, v, starts, lens, teacher = make_inputs(shape, batch, seq_len, dtype, "cuda")
-    f = build(provider, q, k, v, starts, lens, teacher)
+def measure(op, provider, case, mode):
+    from triton.testing import do_bench
 
-    if mode == "forward":
-        def step():
-            with torch.no_grad():
-                f()
-    else:
-        def step():
-            f().backward()
-            q.grad = k.grad = v.grad = None
+    torch.cuda.empty_cache()
+    failed = False
     try:
-        step()
+        step, _ = make_step(op, provider, case, mode)
+        step.run_once()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
+        step.run_once()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = do_bench(step, warmup=25, rep=100, return_mode="median")
-    except torch.OutOfMemoryError:
+        ms = do_bench(step.run_once, warmup=25, rep=100, return_mode="median")
+        del step
+    except torch.cuda.OutOfMemoryError:
+        failed = True
+    if failed:
+        torch.cuda.empty_cache()
         return {"oom": True}
-    flops = attention_flops(batch, shape.heads, seq_len, shape.head_dim, mode)
+    flops = attention_flops(case.batch, case.shape.heads, case.seq_len, case.shape.head_dim, mode)
     return {"ms": ms, "tflops": flops / ms * 1e-9, "peak_gib": peak / 2**30}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", default="alignment", choices=OPS)
     parser.add_argument("--models", nargs="+", default=["qwen1.5-4b"], choices=sorted(MODELS))
     parser.add_argument("--lens", type=int, nargs="+", default=list(SEQ_LENS))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--providers", nargs="+", default=None, help="default: every provider of --op")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (on the CPU, run `pytest benchmarks/`, which runs the CPU smoke cases)")
+    providers = args.providers or list(PROVIDERS[args.op])
+    unknown = set(providers) - set(PROVIDERS[args.op])
+    if unknown:
+        parser.error(f"--providers: {sorted(unknown)} are not providers of {args.op} {PROVIDERS[args.op]}")
+    import triton
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
-           "date": datetime.date.today().isoformat(), "dtype": args.dtype, "batch": args.batch}
+           "date": datetime.date.today().isoformat(), "op": args.op, "dtype": "bf16", "batch": args.batch}
     rows = []
     for model in args.models:
-        shape = MODELS[model]
         for seq_len in args.lens:
-            for mode in MODES:
-                for provider in args.providers:
-                    r = measure(provider, shape, args.batch, seq_len, dtype, mode)
-                    rows.append({"model": model, "L": seq_len, "mode": mode, "provider": provider, **r})
+            case = Case(MODELS[model], args.batch, seq_len, "cuda")
+            for mode in args.modes:
+                for provider in providers:
+                    reason = skip_reason(provider, "cuda", mode)
+                    result = {"skipped": reason} if reason else measure(args.op, provider, case, mode)
+                    rows.append({"model": model, "L": seq_len, "mode": mode, "provider": provider, **result})
                     print(json.dumps(rows[-1]), flush=True)
     print(f"\n{env}\n")
     print("| model | L | mode | provider | median ms | TFLOP/s | peak GiB | × sdpa-flash |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "ms" not in r:
+            print(f"| {r['model']} | {r['L']} | {r['mode']} | {r['provider']} | "
+                  f"{'OOM' if r.get('oom') else 'skipped'} | | | |")
+            continue
         ref = next((x for x in rows if x["model"] == r["model"] and x["L"] == r["L"] and x["mode"] == r["mode"]
                     and x["provider"] == "sdpa-flash" and "ms" in x), None)
-        if r.get("oom"):
-            print(f"| {r['model']} | {r['L']} | {r['mode']} | {r['provider']} | OOM | | | |")
-            continue
         ratio = f"{ref['ms'] / r['ms']:.2f}" if ref else ""
         print(f"| {r['model']} | {r['L']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
               f"{r['peak_gib']:.2f} | {ratio} |")
