@@ -364,3 +364,28 @@ def test_slice_checks_also_guard_the_triton_backend(func):
                       query_start=torch.tensor([0, 0], device=DEVICE))
     with raises("visual_start"):
         func(q, k, v, **args, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that read device memory can be turned off; values given on the host are always checked
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("func", SLICE_FUNCS)
+def test_host_values_are_checked_even_without_device_checks(func):
+    from compodistill_kernels.attention.validate import device_value_checks
+    q, k, v = qkv()
+    with device_value_checks(False):
+        out, _ = func(q, k, v, **slice_args(), backend="torch")  # valid arguments still run
+        assert out.shape == q.shape
+        with raises("visual_start"):
+            func(q, k, v, **slice_args(visual_start=[0, L - VL + 1]), backend="torch")
+        with raises("query_start"):
+            func(q, k, v, **slice_args(query_start=torch.tensor([-1, 0])), backend="torch")
+
+
+def test_cpu_teacher_is_checked_even_without_device_checks():
+    from compodistill_kernels.attention.validate import device_value_checks
+    q, k, v = qkv()
+    t = teacher()
+    t[0, 0, 0] = float("nan")
+    with device_value_checks(False), raises("teacher_slice"):
+        call_align(q, k, v, teacher_slice=t, **slice_args(), backend="torch")

@@ -4,8 +4,12 @@ targets, on any machine (no GPU needed): the interpreter accepts kernels that a 
     python -m compodistill_kernels.attention.aot_check --arch 80 90
 
 The launchers run on meta tensors with the kernels swapped for recorders, so the compiled signatures,
-flags, block sizes, warps and stages are exactly the ones a real launch would use. Each compiled cubin's
-registers, shared memory and local memory (spills) are read with Triton's bundled cuobjdump.
+flags, block sizes, warps and stages are exactly the ones a real launch would use, and every entry of
+the launchers' autotuning space (triton_impl.config_space) is recorded, not only the default. Arguments
+are specialized as Triton's JIT does at launch (16-byte aligned pointers, integers divisible by 16, an
+integer 1 as a constant), so the code compiled here is the code a GPU would run for these shapes. Each
+compiled cubin's registers, shared memory and local memory (spills) are read with Triton's bundled
+cuobjdump; the PTX says whether Hopper's wgmma is used.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from contextlib import contextmanager
 
 import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from . import triton_impl, triton_kernels
@@ -30,8 +36,6 @@ from .validate import SliceSpec
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 KERNEL_NAMES = ("_attn_fwd_kernel", "_slice_fwd_kernel", "_bwd_preprocess_kernel", "_slice_bwd_kernel",
                 "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-              torch.uint8: "*u8", torch.int64: "*i64"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -45,32 +49,43 @@ class _Recorder:
         return launch
 
 
+def _launch_every_config(kind, dtype, head_dim, key, device, run):
+    """Stands in for triton_impl._launch: runs (records) every configuration of the autotuning space."""
+    for cfg in triton_impl.config_space(kind, dtype, head_dim):
+        result = run(cfg)
+    return result
+
+
 @contextmanager
 def _recording(sink):
     saved = {name: getattr(triton_kernels, name) for name in KERNEL_NAMES}
+    saved_launch = triton_impl._launch
     try:
         for name, fn in saved.items():
             setattr(triton_kernels, name, _Recorder(fn, sink))
+        triton_impl._launch = _launch_every_config
         yield
     finally:
         for name, fn in saved.items():
             setattr(triton_kernels, name, fn)
+        triton_impl._launch = saved_launch
 
 
 def _signature(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) as Triton's JIT specializes this launch: pointers (torch
+    allocations are 16-byte aligned; meta tensors report address 0) and integers divisible by 16 get
+    tt.divisibility=16, an integer equal to 1 becomes a constant."""
     names = fn.arg_names
-    signature, constexprs = {}, {}
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            signature[name] = _PTR_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, value) in enumerate(zip(names, args)):
+        if not isinstance(value, (torch.Tensor, bool, int, float)):
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+        kind, spec = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[(index,)] = CUDABackend.parse_attr(spec)
     options = {}
     for name, value in kwargs.items():
         if name in _LAUNCH_OPTIONS:
@@ -78,15 +93,18 @@ def _signature(fn, args, kwargs):
         else:
             signature[name] = "constexpr"
             constexprs[name] = value
-    return signature, constexprs, options
+    return signature, constexprs, attrs, options
 
 
 def recorded_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(16, 24, 64, 80, 128, 256),
-                      flag_sets=((True, True), (False, False))):
-    """Every distinct (kernel, signature, constexprs, options) the launchers produce for these dtypes,
-    head dims and (causal, key padding mask) flag sets, with each slice mode."""
+                      flag_sets=((True, True), (False, False)), group=1):
+    """Every distinct (kernel, signature, constexprs, attrs, options) the launchers produce for these dtypes,
+    head dims and (causal, key padding mask) flag sets, with each slice mode and every configuration of
+    the autotuning space. group = Hq / Hkv: 1 (the models' multi-head attention) is specialized as a
+    constant by the JIT, so grouped-query attention (group > 1) compiles to different code."""
     sink = []
-    B, H, Hkv, L, Lq, Nv = 2, 4, 2, 300, 40, 60
+    B, Hkv, L, Lq, Nv = 2, 2, 300, 40, 60
+    H = Hkv * group
     with _recording(sink):
         for dtype in dtypes:
             for D in head_dims:
@@ -109,15 +127,16 @@ def recorded_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), hea
                         triton_impl.attn_bwd(q, k, k, out, lse, out, lse, 0.1, causal, mask, spec, grads[mode])
     unique = {}
     for fn, args, kwargs in sink:
-        signature, constexprs, options = _signature(fn, args, kwargs)
+        signature, constexprs, attrs, options = _signature(fn, args, kwargs)
         key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))
-        unique[key] = (fn, signature, constexprs, options)
+               tuple(sorted((k, str(v)) for k, v in attrs.items())), tuple(sorted(options.items())))
+        unique[key] = (fn, signature, constexprs, attrs, options)
     return list(unique.values())
 
 
 def resource_usage(cubin: bytes):
-    """(registers, shared bytes, local bytes) of the single function in a cubin, via cuobjdump."""
+    """(registers, local bytes) of the single function in a cubin, via cuobjdump; local memory > 0 means
+    spills (Triton kernels use no stack arrays)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -131,8 +150,8 @@ def resource_usage(cubin: bytes):
     return reg, local
 
 
-def compile_one(fn, signature, constexprs, options, arch):
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+def compile_one(fn, signature, constexprs, attrs, options, arch):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, local = resource_usage(compiled.asm["cubin"])
     return {
@@ -146,9 +165,9 @@ def compile_one(fn, signature, constexprs, options, arch):
 
 def _compile_job(job):
     index, arch = job
-    fn, signature, constexprs, options = _JOBS[index]
+    fn, signature, constexprs, attrs, options = _JOBS[index]
     try:
-        return compile_one(fn, signature, constexprs, options, arch), None
+        return compile_one(fn, signature, constexprs, attrs, options, arch), None
     except Exception as exc:  # report every failing configuration, then fail
         return None, f"FAIL sm_{arch} {fn.__name__} {constexprs} {options}: {type(exc).__name__}: {exc}"
 
@@ -178,8 +197,11 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[16, 24, 64, 80, 128, 256])
     parser.add_argument("--all-flags", action="store_true",
-                        help="every (causal, padding mask) combination at every head dim; by default the "
-                             "flags-off variants are compiled at head dim 64 only")
+                        help="every (causal, padding mask) combination at every head dim, and grouped-query "
+                             "heads with the flags on and off; by default the flags-off variants are compiled "
+                             "at head dim 64 only, with grouped-query heads")
+    parser.add_argument("--kernels", nargs="+", default=None, choices=KERNEL_NAMES,
+                        help="compile only these kernels (default: all)")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -189,9 +211,13 @@ def main(argv=None):
     if args.all_flags:
         launches = recorded_launches(dtypes, tuple(args.head_dims),
                                      ((True, True), (True, False), (False, True), (False, False)))
+        launches += recorded_launches(dtypes, tuple(args.head_dims), ((True, True), (False, False)), group=2)
     else:
+        # multi-head (group 1) at every head dim; grouped-query (group 2) with the flags off at head dim 64
         launches = recorded_launches(dtypes, tuple(args.head_dims), ((True, True),))
-        launches += recorded_launches(dtypes, (64,), ((False, False),))
+        launches += recorded_launches(dtypes, (64,), ((False, False),), group=2)
+    if args.kernels:
+        launches = [launch for launch in launches if launch[0].__name__ in args.kernels]
     failures = 0
     print(f"{'arch':>4} {'kernel':<24} {'dtype':<5} {'regs':>4} {'shared':>7} {'local':>5} wgmma  config")
     for r, error in compile_all(launches, args.arch, args.workers):

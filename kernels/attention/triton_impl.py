@@ -4,24 +4,37 @@ outputs and picks block sizes and grids."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
+import triton.testing
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 from . import triton_kernels as tk
+from .validate import interpreting
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-# kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by (is_fp32, BLOCK_D). Sizes keep every
-# kernel inside sm_80's 164 KiB of shared memory; tests/test_compile.py compiles each for sm_80 and sm_90.
-_CONFIGS = {
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind, keyed by
+# (is_fp32, BLOCK_D). The first entry of each space is the default: the only one used in the interpreter,
+# with COMPODISTILL_KERNELS_AUTOTUNE=0, under CUDA graph capture, and for keys with a single entry. On CUDA
+# the launchers time every entry once per (kind, flags, dtype, BLOCK_D, L bucket) and keep the fastest.
+# Kinds: "fwd" (_attn_fwd_kernel), "slice" (_slice_fwd_kernel and _slice_bwd_kernel), "dkdv"
+# (_attn_bwd_dkdv_kernel: BLOCK_N keys per program, BLOCK_M queries per step) and "dq" (_attn_bwd_dq_kernel:
+# BLOCK_M queries per program, BLOCK_N keys per step).
+# Every entry fits sm_80's 163 KiB of shared memory, compiles for sm_80 and sm_90 without spills, and for
+# fp16/bf16 at BLOCK_D <= 128 uses wgmma on sm_90: aot_check compiles the whole space
+# (tests/test_compile_sm80_sm90.py). Wider spaces only at the models' head dims (BLOCK_D 64 and 128).
+_DEFAULTS = {
     "fwd": {
         (False, 16): (128, 64, 4, 3), (False, 32): (128, 64, 4, 3), (False, 64): (128, 64, 4, 3),
         (False, 128): (128, 64, 8, 3), (False, 256): (64, 32, 8, 2),
         (True, 16): (64, 64, 4, 2), (True, 32): (64, 64, 4, 2), (True, 64): (64, 32, 4, 2),
         (True, 128): (64, 32, 4, 2), (True, 256): (32, 32, 4, 1),
     },
-    "bwd": {
+    "dkdv": {
         (False, 16): (64, 64, 4, 2), (False, 32): (64, 64, 4, 2), (False, 64): (64, 64, 4, 2),
         (False, 128): (64, 64, 8, 2), (False, 256): (32, 32, 4, 1),
         (True, 16): (32, 32, 4, 1), (True, 32): (32, 32, 4, 1), (True, 64): (32, 32, 4, 1),
@@ -34,7 +47,21 @@ _CONFIGS = {
         (True, 128): (32, 32, 4, 1), (True, 256): (16, 32, 4, 1),
     },
 }
+_DEFAULTS["dq"] = dict(_DEFAULTS["dkdv"])
+# Further candidates for the autotuner (fp16/bf16 only). Larger tiles re-read K/V (forward, dQ) or Q/dO
+# (dK/dV) fewer times; smaller ones give more programs at short L (L = 2048, 20 heads: 320 forward
+# programs of 128 rows for 132 SMs). Shared memory of the largest, (128, 128, 8, 3) forward at D = 128:
+# 224 KiB on sm_90 (limit 227), 160 KiB on sm_80 (limit 163).
+_TUNE_EXTRA = {
+    "fwd": {(False, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+            (False, 128): [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]},
+    "dkdv": {(False, 64): [(64, 128, 8, 2), (32, 64, 4, 2)], (False, 128): [(32, 128, 8, 2), (32, 64, 4, 2)]},
+    "dq": {(False, 64): [(128, 64, 8, 2), (128, 32, 8, 2)], (False, 128): [(128, 64, 8, 2), (128, 32, 8, 2)]},
+    "slice": {(False, 64): [(64, 128, 8, 2), (128, 64, 8, 2)], (False, 128): [(64, 128, 8, 2), (128, 64, 8, 2)]},
+}
+KINDS = tuple(_DEFAULTS)
 _BLOCK_OVERRIDE = None
+_TUNED = {}  # (kind, key...) -> chosen (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
 
 
 @contextlib.contextmanager
@@ -52,13 +79,67 @@ def block_d_for(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_config(kind, dtype, head_dim):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for a kernel kind, dtype and head dim."""
+def config_space(kind, dtype, head_dim):
+    """Every (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) the launchers may pick for a kernel kind,
+    dtype and head dim; the default first."""
     block_d = block_d_for(head_dim)
-    bm, bn, warps, stages = _CONFIGS[kind][(dtype == torch.float32, block_d)]
+    key = (dtype == torch.float32, block_d)
+    space = [_DEFAULTS[kind][key]] + list(_TUNE_EXTRA.get(kind, {}).get(key, ()))
+    return [(bm, bn, block_d, warps, stages) for bm, bn, warps, stages in space]
+
+
+def launch_config(kind, dtype, head_dim):
+    """The default (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages), with block_size_override applied."""
+    bm, bn, block_d, warps, stages = config_space(kind, dtype, head_dim)[0]
     if _BLOCK_OVERRIDE is not None:
         bm, bn = _BLOCK_OVERRIDE
     return bm, bn, block_d, warps, stages
+
+
+def autotune_enabled(device) -> bool:
+    """Timing configurations needs compiled kernels on a CUDA device; COMPODISTILL_KERNELS_AUTOTUNE=0 turns it off."""
+    return (torch.device(device).type == "cuda" and not interpreting()
+            and os.environ.get("COMPODISTILL_KERNELS_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no"))
+
+
+def _length_bucket(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _fastest(space, run):
+    """The configuration of `space` with the smallest median time of run(cfg). Safe for every kernel here:
+    each writes only its own outputs, which run(cfg) allocates, and reads nothing it writes."""
+    best, best_ms, error = None, float("inf"), None
+    for cfg in space:
+        try:
+            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except (OutOfResources, CompilationError) as exc:  # e.g. a GPU with less shared memory than sm_80
+            error = exc
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise error if error is not None else RuntimeError(f"no configuration of {space} could be timed")
+    return best
+
+
+def _capturing():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _launch(kind, dtype, head_dim, key, device, run):
+    """run(cfg) with the configuration for this launch: the default (or block_size_override) where no
+    timing is possible or wanted, else the fastest of config_space, timed once per key and remembered."""
+    space = config_space(kind, dtype, head_dim)
+    if _BLOCK_OVERRIDE is not None or len(space) == 1 or not autotune_enabled(device):
+        return run(launch_config(kind, dtype, head_dim))
+    full_key = (kind, dtype, space[0][2], torch.device(device).index) + tuple(key)
+    cfg = _TUNED.get(full_key)
+    if cfg is None:
+        if _capturing():  # timing would synchronize inside the capture
+            return run(space[0])
+        cfg = _TUNED[full_key] = _fastest(space, run)
+    return run(cfg)
 
 
 def precision_for(dtype):
@@ -79,16 +160,25 @@ def _strides(q, k, mask_stride):
 
 def attn_fwd(q, k, v, scale, causal, mask):
     B, H, L, D = q.shape
-    bm, bn, bd, warps, stages = launch_config("fwd", q.dtype, D)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     kpm, mask_stride = _mask_arg(q, mask)
-    grid = (triton.cdiv(L, bm), B * H)
-    tk._attn_fwd_kernel[grid](
-        q, k, v, out, lse, kpm, *_strides(q, k, mask_stride), H, H // k.shape[1], L, D, scale * tk.LOG2E,
-        CAUSAL=causal, HAS_MASK=mask is not None, PRECISION=precision_for(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    return out, lse
+
+    def run(cfg):
+        bm, bn, bd, warps, stages = cfg
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+        tk._attn_fwd_kernel[(triton.cdiv(L, bm), B * H)](
+            q, k, v, out, lse, kpm, *_strides(q, k, mask_stride), H, H // k.shape[1], L, D, scale * tk.LOG2E,
+            CAUSAL=causal, HAS_MASK=mask is not None, PRECISION=precision_for(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        return out, lse
+
+    key = (causal, mask is not None, H // k.shape[1], _length_bucket(L))
+    return _launch("fwd", q.dtype, D, key, q.device, run)
+
+
+def _slice_key(spec, causal, mask, mode, group, L):
+    return (mode, causal, mask is not None, group, _length_bucket(L), _length_bucket(spec.query_len),
+            _length_bucket(spec.visual_len))
 
 
 def slice_fwd(q, k, lse, scale, causal, mask, spec, mode, weight=None, teacher=None):
@@ -96,21 +186,26 @@ def slice_fwd(q, k, lse, scale, causal, mask, spec, mode, weight=None, teacher=N
     partial row stats a·t, |a|², |t|² (B, n_col_tiles, Lq, 3)."""
     B, H, L, D = q.shape
     Lq, Nv = spec.query_len, spec.visual_len
-    bm, bn, bd, warps, stages = launch_config("slice", q.dtype, D)
-    grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
     f32 = dict(device=q.device, dtype=torch.float32)
-    shape = {0: (B, Lq, Nv), 1: (B, grid[0], Nv), 2: (B, grid[1], Lq, 3)}[mode]
-    out = torch.empty(shape, **f32)
     dummy = torch.empty(1, **f32)
     kpm, mask_stride = _mask_arg(q, mask)
-    tk._slice_fwd_kernel[grid](
-        q, k, lse, kpm, spec.visual_start, spec.query_start,
-        weight if weight is not None else dummy, teacher if teacher is not None else dummy,
-        out if mode == 0 else dummy, out if mode == 1 else dummy, out if mode == 2 else dummy,
-        *_strides(q, k, mask_stride), H, H // k.shape[1], L, D, Lq, Nv, scale * tk.LOG2E, 1.0 / H,
-        CAUSAL=causal, HAS_MASK=mask is not None, MODE=mode, PRECISION=precision_for(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    return out
+
+    def run(cfg):
+        bm, bn, bd, warps, stages = cfg
+        grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
+        shape = {0: (B, Lq, Nv), 1: (B, grid[0], Nv), 2: (B, grid[1], Lq, 3)}[mode]
+        out = torch.empty(shape, **f32)
+        tk._slice_fwd_kernel[grid](
+            q, k, lse, kpm, spec.visual_start, spec.query_start,
+            weight if weight is not None else dummy, teacher if teacher is not None else dummy,
+            out if mode == 0 else dummy, out if mode == 1 else dummy, out if mode == 2 else dummy,
+            *_strides(q, k, mask_stride), H, H // k.shape[1], L, D, Lq, Nv, scale * tk.LOG2E, 1.0 / H,
+            CAUSAL=causal, HAS_MASK=mask is not None, MODE=mode, PRECISION=precision_for(q.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        return out
+
+    key = ("fwd",) + _slice_key(spec, causal, mask, mode, H // k.shape[1], L)
+    return _launch("slice", q.dtype, D, key, q.device, run)
 
 
 def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slice_grad=None):
@@ -136,37 +231,58 @@ def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slic
     if slice_grad is not None:
         mode, gin, rowc1, rowc2, colv, teacher = slice_grad
         Lq, Nv = spec.query_len, spec.visual_len
-        g = torch.empty(B, Lq, Nv, **f32)
-        bm, bn, bd, warps, stages = launch_config("slice", q.dtype, D)
-        grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
-        dg_part = torch.empty(B, H, grid[1], Lq, **f32)
-        tk._slice_bwd_kernel[grid](
-            q, k, lse, kpm, spec.visual_start, spec.query_start,
-            *(x if x is not None else dummy for x in (gin, rowc1, rowc2, colv, teacher)), g, dg_part,
-            *strides, H, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, 1.0 / H,
-            CAUSAL=causal, HAS_MASK=mask is not None, MODE=mode, PRECISION=precision_for(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-        # Δ_h[qs_b + i] += (1/H) Σ_j P_h[i, j] G[i, j], summed over the column tiles in a fixed order
-        rows = (spec.query_start.long()[:, None] + torch.arange(Lq, device=q.device))[:, None, :].expand(B, H, Lq)
+
+        def run_slice(cfg):
+            bm, bn, bd, warps, stages = cfg
+            grid = (triton.cdiv(Lq, bm), triton.cdiv(Nv, bn), B)
+            g = torch.empty(B, Lq, Nv, **f32)
+            dg_part = torch.empty(B, H, grid[1], Lq, **f32)
+            tk._slice_bwd_kernel[grid](
+                q, k, lse, kpm, spec.visual_start, spec.query_start,
+                *(x if x is not None else dummy for x in (gin, rowc1, rowc2, colv, teacher)), g, dg_part,
+                *strides, H, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, 1.0 / H,
+                CAUSAL=causal, HAS_MASK=mask is not None, MODE=mode, PRECISION=precision_for(q.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+            return g, dg_part
+
+        # the tuner may run the kernel several times: the accumulation into Δ stays outside it
+        key = ("bwd",) + _slice_key(spec, causal, mask, mode, H // Hkv, L)
+        g, dg_part = _launch("slice", q.dtype, D, key, q.device, run_slice)
+        # Δ_h[qs_b + i] += (1/H) Σ_j P_h[i, j] G[i, j], summed over the column tiles in a fixed order. Rows
+        # outside [0, L) (offsets left unchecked, see validate.device_value_checks) have P = 0 in the kernel:
+        # clamping their index adds 0 instead of indexing out of bounds.
+        rows = (spec.query_start.long()[:, None] + torch.arange(Lq, device=q.device)).clamp(0, L - 1)
+        rows = rows[:, None, :].expand(B, H, Lq)
         delta.scatter_add_(2, rows, dg_part.sum(dim=2))
     has_g = g is not None
     vs = spec.visual_start if has_g else dummy_i
     qs = spec.query_start if has_g else dummy_i
     Lq, Nv = (spec.query_len, spec.visual_len) if has_g else (1, 1)
     g_arg = g if has_g else dummy
+    flags = dict(CAUSAL=causal, HAS_MASK=mask is not None, HAS_G=has_g, PRECISION=precision_for(q.dtype))
+    key = (causal, mask is not None, has_g, H // Hkv, _length_bucket(L))
 
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    bm, bn, bd, warps, stages = launch_config("bwd", q.dtype, D)
-    common = dict(CAUSAL=causal, HAS_MASK=mask is not None, HAS_G=has_g, PRECISION=precision_for(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    tk._attn_bwd_dkdv_kernel[(triton.cdiv(L, bn), B * Hkv)](
-        q, k, v, dout, lse, delta, kpm, vs, qs, g_arg, dk, dv, *strides,
-        H, Hkv, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, scale, **common)
-    tk._attn_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
-        q, k, v, dout, lse, delta, kpm, vs, qs, g_arg, dq, *strides,
-        H, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, scale, **common)
+    def run_dkdv(cfg):
+        bm, bn, bd, warps, stages = cfg
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        tk._attn_bwd_dkdv_kernel[(triton.cdiv(L, bn), B * Hkv)](
+            q, k, v, dout, lse, delta, kpm, vs, qs, g_arg, dk, dv, *strides,
+            H, Hkv, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, scale, **flags,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        return dk, dv
+
+    def run_dq(cfg):
+        bm, bn, bd, warps, stages = cfg
+        dq = torch.empty_like(q)
+        tk._attn_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
+            q, k, v, dout, lse, delta, kpm, vs, qs, g_arg, dq, *strides,
+            H, H // Hkv, L, D, Lq, Nv, scale * tk.LOG2E, scale, **flags,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        return dq
+
+    dk, dv = _launch("dkdv", q.dtype, D, key, q.device, run_dkdv)
+    dq = _launch("dq", q.dtype, D, key, q.device, run_dq)
     return dq, dk, dv
 
 

@@ -2,7 +2,16 @@
 
 Notation (DESIGN.md §2): P_h = exp(S_h − lse_h), S_h = q kᵀ · scale; the head-mean visual slice is
 a[b, i, j] = (1/H) Σ_h P_h[qs_b + i, vs_b + j]; G = ∂L/∂a. Scores are kept in base 2: qk_scale =
-scale · log2(e) and lse2 = lse · log2(e), so P = exp2(q·k · qk_scale − lse2).
+scale · log2(e) and lse2 = lse · log2(e), so P = exp2(q·k · qk_scale − lse2), one FMA and one exp2.
+
+Causal split: the loops over key tiles (forward, dQ) and query tiles (dK/dV) run in two stages. Inner
+tiles lie entirely on the visible side of the diagonal and inside [0, L), so they skip the per-element
+causal and bounds masks; only the edge tiles (those crossing the diagonal, and the ragged last tile)
+pay for them. The padding mask, when given, applies to both stages.
+
+Rows past L are loaded with lse = +inf, so their P = exp2(−inf) = 0 without a mask; the lse of a row
+that has no allowed key is −inf, and every key of such a row is masked out by the causal or padding
+mask, so a select (never a multiply) zeroes its P.
 
 Every kernel takes contiguous (B, H, L, D) tensors; per-sample offsets vs_b, qs_b come from memory.
 """
@@ -16,6 +25,48 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs_d, d_ok, L, D, qk_scale, lo, hi,
+                   EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l, m) over the key tiles [lo, hi). EDGE tiles may hold keys past L or,
+    under CAUSAL, keys after some query row of the tile; all other tiles are fully visible."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if EDGE:
+            n_ok = offs_n < L
+            kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+        else:
+            kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        if EDGE:
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_MASK:
+                valid = valid & (tl.load(KPM + mask_base + offs_n, mask=n_ok, other=0) != 0)[None, :]
+            qk = tl.where(valid, qk, float("-inf"))
+        elif HAS_MASK:
+            qk = tl.where((tl.load(KPM + mask_base + offs_n) != 0)[None, :], qk, float("-inf"))
+        # qk_scale > 0: max(qk)·scale = max(qk·scale), and qk·scale − m is one FMA per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_new
+        if HAS_MASK:
+            # a row that has seen no allowed key yet keeps m = −inf; shift by 0 so exp2 gives 0, not NaN.
+            # Without a padding mask every row has an allowed key in the first tile it visits.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * qk_scale - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                      H, GROUP, L, D, qk_scale,
@@ -25,43 +76,30 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_base = b * stride_qb + h * stride_qh
     kv_base = b * stride_kb + (h // GROUP) * stride_kh
+    mask_base = b * stride_mb
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
                 mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = L
     if CAUSAL:
-        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < L
-        kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        valid = n_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            key_real = tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0)
-            valid = valid & (key_real[None, :] != 0)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no allowed key yet keeps m = −inf; shift by 0 instead so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        # keys < row0 <= every row of the tile: whole key tiles below row0 are visible
+        inner_hi = (row0 // BLOCK_N) * BLOCK_N
+        edge_hi = tl.minimum(L, row0 + BLOCK_M)
+    else:
+        inner_hi = (L // BLOCK_N) * BLOCK_N
+        edge_hi = L
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs_d, d_ok, L, D,
+                                   qk_scale, 0, inner_hi, False, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs_d, d_ok, L, D,
+                                   qk_scale, inner_hi, edge_hi, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
 
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -75,51 +113,58 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
 
 
 @triton.jit
-def _visual_probs_head_sum(Q, K, LSE, q_base, k_base, lse_base, pos_m, pos_n, row_ok, col_ok, valid,
-                           offs_d, D, L, qk_scale, head, GROUP,
-                           stride_qh, stride_kh, PRECISION: tl.constexpr):
-    """P_h[rows, visual cols] for one head h (BLOCK_M, BLOCK_N), 0 outside `valid` and on rows with lse = −inf."""
-    d_ok = offs_d < D
-    q = tl.load(Q + q_base + head * stride_qh + pos_m[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    kt = tl.load(K + k_base + (head // GROUP) * stride_kh + pos_n[None, :] * D + offs_d[:, None],
-                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + lse_base + head * L + pos_m, mask=row_ok, other=float("-inf")) * _LOG2E
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
-    return tl.where(valid & (lse2[:, None] > float("-inf")), tl.exp2(s), 0.0)
-
-
-@triton.jit
-def _slice_tile(VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _slice_tile(VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's (slice-row tile, visual-column tile) of sample b, from the (rows, cols, batch) grid:
-    slice indices, absolute positions, and which pairs may attend (in range, causal, key not padded)."""
+    slice indices, absolute positions, which pairs may attend (in range, causal, key not padded), and
+    `live`: False when the causal mask hides the whole tile (every column after every row), so the
+    per-head work can be skipped. Positions outside [0, L) are masked, so out-of-range offsets can never
+    read outside the tensors."""
     b = tl.program_id(2).to(tl.int64)
-    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_r < Lq
-    col_ok = offs_c < Nv
-    pos_m = tl.load(QS + b) + offs_r
-    pos_n = tl.load(VS + b) + offs_c
+    r0 = tl.program_id(0) * BLOCK_M
+    c0 = tl.program_id(1) * BLOCK_N
+    offs_r = r0 + tl.arange(0, BLOCK_M)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    qs = tl.load(QS + b)
+    vs = tl.load(VS + b)
+    pos_m = qs + offs_r
+    pos_n = vs + offs_c
+    row_ok = (offs_r < Lq) & (pos_m >= 0) & (pos_m < L)
+    col_ok = (offs_c < Nv) & (pos_n >= 0) & (pos_n < L)
     valid = row_ok[:, None] & col_ok[None, :]
+    live = c0 < Nv
     if CAUSAL:
         valid = valid & (pos_n[None, :] <= pos_m[:, None])
+        # the tile's first visual column against its last slice row
+        live = live & (vs + c0 <= qs + tl.minimum(r0 + BLOCK_M, Lq) - 1)
     if HAS_MASK:
         key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
         valid = valid & (key_real[None, :] != 0)
-    return b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid
+    return b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live
 
 
 @triton.jit
-def _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale, inv_h,
-                     stride_qb, stride_qh, stride_kb, stride_kh, PRECISION: tl.constexpr,
+def _head_probs(Q, K, LSE, b, head, pos_m, pos_n, row_ok, col_ok, valid, offs_d, d_ok, GROUP, D, L, qk_scale,
+                stride_qb, stride_qh, stride_kb, stride_kh, H, PRECISION: tl.constexpr):
+    """P_h[rows, visual cols] of one head (BLOCK_M, BLOCK_N), 0 outside `valid`."""
+    q = tl.load(Q + b * stride_qb + head * stride_qh + pos_m[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kt = tl.load(K + b * stride_kb + (head // GROUP) * stride_kh + pos_n[None, :] * D + offs_d[:, None],
+                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + (b * H + head) * L + pos_m, mask=row_ok, other=float("inf")) * _LOG2E
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
+    return tl.where(valid, tl.exp2(s), 0.0)
+
+
+@triton.jit
+def _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, offs_d, d_ok, H, GROUP, D, L,
+                     qk_scale, inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """a = (1/H) Σ_h P_h[rows, visual cols] for one tile."""
+    """a = (1/H) Σ_h P_h[rows, visual cols] for one tile; 0 without any head's work when not `live`."""
     a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for head in range(0, H):
-        a += _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
-                                    col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                    PRECISION)
+    for head in range(0, tl.where(live, H, 0)):
+        a += _head_probs(Q, K, LSE, b, head, pos_m, pos_n, row_ok, col_ok, valid, offs_d, d_ok, GROUP, D, L,
+                         qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, H, PRECISION)
     return a * inv_h
 
 
@@ -136,25 +181,28 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
     MODE 2: write this column tile's share of a·t, |a|², |t|² into STATS (B, n_col_tiles, Lq, 3);
     a itself is never stored.
     """
-    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid = _slice_tile(
-        VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
+        VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale,
-                         inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
+    d_ok = offs_d < D
+    a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, offs_d, d_ok, H, GROUP, D, L,
+                         qk_scale, inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
+    in_r = offs_r < Lq
+    in_c = offs_c < Nv
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
-    tile_ok = row_ok[:, None] & col_ok[None, :]
+    tile_ok = in_r[:, None] & in_c[None, :]
     if MODE == 0:
         tl.store(SLC + tile, a, mask=tile_ok)
     if MODE == 1:
-        w = tl.load(W + b * Lq + offs_r, mask=row_ok, other=0.0)
+        w = tl.load(W + b * Lq + offs_r, mask=in_r, other=0.0)
         tl.store(PART + (b * tl.num_programs(0) + tl.program_id(0)) * Nv + offs_c, tl.sum(a * w[:, None], 0),
-                 mask=col_ok)
+                 mask=in_c)
     if MODE == 2:
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
         stats = STATS + ((b * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r) * 3
-        tl.store(stats, tl.sum(a * t, 1), mask=row_ok)
-        tl.store(stats + 1, tl.sum(a * a, 1), mask=row_ok)
-        tl.store(stats + 2, tl.sum(t * t, 1), mask=row_ok)
+        tl.store(stats, tl.sum(a * t, 1), mask=in_r)
+        tl.store(stats + 1, tl.sum(a * a, 1), mask=in_r)
+        tl.store(stats + 2, tl.sum(t * t, 1), mask=in_r)
 
 
 @triton.jit
@@ -186,32 +234,77 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, 
 
     MODE 0: G = GIN (the slice's gradient). MODE 1 (mean): G[i, j] = ROWC1[i] · COLV[j].
     MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a.
+    A tile hidden by the causal mask has P = 0 for every head: its shares are 0 without computing P.
     """
-    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid = _slice_tile(
-        VS, QS, KPM, stride_mb, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+    b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
+        VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    in_r = offs_r < Lq
+    in_c = offs_c < Nv
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
-    tile_ok = row_ok[:, None] & col_ok[None, :]
+    tile_ok = in_r[:, None] & in_c[None, :]
     if MODE == 0:
         g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
     if MODE == 1:
-        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
-        g = c1[:, None] * tl.load(COLV + b * Nv + offs_c, mask=col_ok, other=0.0)[None, :]
+        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=in_r, other=0.0)
+        g = c1[:, None] * tl.load(COLV + b * Nv + offs_c, mask=in_c, other=0.0)[None, :]
     if MODE == 2:
-        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=row_ok, other=0.0)
-        c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=row_ok, other=0.0)
-        a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, offs_d, H, GROUP, D, L, qk_scale,
-                             inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
+        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=in_r, other=0.0)
+        c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=in_r, other=0.0)
+        a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, offs_d, d_ok, H, GROUP, D,
+                             L, qk_scale, inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M,
+                             BLOCK_N)
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
         g = c1[:, None] * t + c2[:, None] * a
     g = g * inv_h
     tl.store(G + tile, g, mask=tile_ok)
-    for head in range(0, H):
-        p = _visual_probs_head_sum(Q, K, LSE, b * stride_qb, b * stride_kb, b * H * L, pos_m, pos_n, row_ok,
-                                   col_ok, valid, offs_d, D, L, qk_scale, head, GROUP, stride_qh, stride_kh,
-                                   PRECISION)
-        part = DG_PART + ((b * H + head) * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r
-        tl.store(part, tl.sum(p * g, 1), mask=row_ok)
+    n_live = tl.where(live, H, 0)
+    part = DG_PART + (b * H * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r
+    part_stride = tl.num_programs(1) * Lq
+    for head in range(0, n_live):
+        p = _head_probs(Q, K, LSE, b, head, pos_m, pos_n, row_ok, col_ok, valid, offs_d, d_ok, GROUP, D, L,
+                        qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, H, PRECISION)
+        tl.store(part + head * part_stride, tl.sum(p * g, 1), mask=in_r)
+    for head in range(n_live, H):
+        tl.store(part + head * part_stride, tl.zeros([BLOCK_M], tl.float32), mask=in_r)
+
+
+@triton.jit
+def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d, d_ok, key_ok,
+                      col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo, hi,
+                      EDGE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key tile over the query tiles [lo, hi) of one head.
+
+    Tiles are transposed: rows are keys, columns are queries. EDGE tiles cross the causal diagonal.
+    Key rows past L (the ragged last key tile) only feed dK/dV rows that are never stored.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+        if EDGE:
+            pt = tl.where(key_ok[:, None] & (offs_n[:, None] <= offs_m[None, :]), pt, 0.0)
+        elif HAS_MASK:
+            pt = tl.where(key_ok[:, None], pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if HAS_G:
+            if tile_visual & (start_m < qs + Lq) & (start_m + BLOCK_M > qs):
+                row = offs_m - qs
+                g_ok = col_ok[:, None] & ((row >= 0) & (row < Lq))[None, :]
+                dpt += tl.load(G + g_base + row[None, :] * Nv + col[:, None], mask=g_ok, other=0.0)
+        # dS = P · (dP + G/H − Δ)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -229,7 +322,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
     bh = tl.program_id(1).to(tl.int64)
     b = bh // HKV
     hk = bh % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < L
     d_ok = offs_d < D
@@ -239,49 +333,83 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
     key_ok = n_ok
     if HAS_MASK:
         key_ok = key_ok & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
+    vs = 0
+    qs = 0
+    col = offs_n
+    col_ok = n_ok
+    tile_visual = False
     if HAS_G:
         vs = tl.load(VS + b)
         qs = tl.load(QS + b)
         col = offs_n - vs
         col_ok = (col >= 0) & (col < Nv)
-        tile_visual = (pid_n * BLOCK_N < vs + Nv) & (pid_n * BLOCK_N + BLOCK_N > vs)
+        tile_visual = (n0 < vs + Nv) & (n0 + BLOCK_N > vs)
+    g_base = b * Lq * Nv
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
     if CAUSAL:
-        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+        # query tiles from the one holding row n0; those starting at or after the tile's last key see
+        # every key of the tile
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        inner_lo = lo + tl.cdiv(n0 + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        inner_lo = 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = b * stride_qb + h * stride_qh
         row_base = (b * H + h) * L
-        for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < L
-            q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("-inf")) * _LOG2E
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            # transposed tiles: rows are keys, columns are queries
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
-            valid = key_ok[:, None] & m_ok[None, :] & (lse2[None, :] > float("-inf"))
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :])
-            pt = tl.where(valid, tl.exp2(st), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if HAS_G:
-                if tile_visual & (start_m < qs + Lq) & (start_m + BLOCK_M > qs):
-                    row = offs_m - qs
-                    g_ok = col_ok[:, None] & ((row >= 0) & (row < Lq))[None, :]
-                    dpt += tl.load(G + b * Lq * Nv + row[None, :] * Nv + col[:, None], mask=g_ok, other=0.0)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if CAUSAL:
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d,
+                                       d_ok, key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo,
+                                       tl.minimum(inner_lo, L), True, HAS_MASK, HAS_G, PRECISION, BLOCK_M)
+        dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d,
+                                   d_ok, key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, inner_lo, L,
+                                   False, HAS_MASK, HAS_G, PRECISION, BLOCK_M)
     out_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + kv_base + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=out_mask)
     tl.store(DV + kv_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
+                  row_in, rows_slice, vs, L, D, Nv, qk_scale, lo, hi,
+                  EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dQ (unscaled) of one query tile over the key tiles [lo, hi); EDGE as in _fwd_key_tiles."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if EDGE:
+            n_ok = offs_n < L
+            kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            vt = tl.load(V + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+        else:
+            kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            vt = tl.load(V + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if EDGE:
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_MASK:
+                valid = valid & (tl.load(KPM + mask_base + offs_n, mask=n_ok, other=0) != 0)[None, :]
+            p = tl.where(valid, p, 0.0)
+        elif HAS_MASK:
+            p = tl.where((tl.load(KPM + mask_base + offs_n) != 0)[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_G:
+            if rows_slice & (start_n < vs + Nv) & (start_n + BLOCK_N > vs):
+                col = offs_n - vs
+                g_ok = row_in[:, None] & ((col >= 0) & (col < Nv))[None, :]
+                dp += tl.load(G + g_base + row[:, None] * Nv + col[None, :], mask=g_ok, other=0.0)
+        # dS = P · (dP + G/H − Δ)
+        ds = p * (dp - delta[:, None])
+        # kᵀ is loaded as (D, N); dQ needs K (N, D)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -296,49 +424,41 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
     d_ok = offs_d < D
     q_base = b * stride_qb + h * stride_qh
     kv_base = b * stride_kb + (h // GROUP) * stride_kh
+    mask_base = b * stride_mb
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("-inf")) * _LOG2E
+    lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-    row_live = m_ok & (lse2 > float("-inf"))
+    vs = 0
+    row = offs_m
+    row_in = m_ok
+    rows_slice = False
     if HAS_G:
         vs = tl.load(VS + b)
         qs = tl.load(QS + b)
         row = offs_m - qs
         row_in = (row >= 0) & (row < Lq)
-        rows_slice = (pid_m * BLOCK_M < qs + Lq) & (pid_m * BLOCK_M + BLOCK_M > qs)
+        rows_slice = (row0 < qs + Lq) & (row0 + BLOCK_M > qs)
+    g_base = b * Lq * Nv
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = L
     if CAUSAL:
-        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < L
-        kt = tl.load(K + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        vt = tl.load(V + kv_base + offs_n[None, :] * D + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None]
-        valid = row_live[:, None] & n_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            valid = valid & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)[None, :]
-        p = tl.where(valid, tl.exp2(s), 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        if HAS_G:
-            if rows_slice & (start_n < vs + Nv) & (start_n + BLOCK_N > vs):
-                col = offs_n - vs
-                g_ok = row_in[:, None] & ((col >= 0) & (col < Nv))[None, :]
-                dp += tl.load(G + b * Lq * Nv + row[:, None] * Nv + col[None, :], mask=g_ok, other=0.0)
-        ds = p * (dp - delta[:, None])
-        # kᵀ is loaded as (D, N); dQ needs K (N, D)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        inner_hi = (row0 // BLOCK_N) * BLOCK_N
+        edge_hi = tl.minimum(L, row0 + BLOCK_M)
+    else:
+        inner_hi = (L // BLOCK_N) * BLOCK_N
+        edge_hi = L
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
+                       row_in, rows_slice, vs, L, D, Nv, qk_scale, 0, inner_hi, False, CAUSAL, HAS_MASK, HAS_G,
+                       PRECISION, BLOCK_N)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
+                       row_in, rows_slice, vs, L, D, Nv, qk_scale, inner_hi, edge_hi, True, CAUSAL, HAS_MASK, HAS_G,
+                       PRECISION, BLOCK_N)
     tl.store(DQ + q_base + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])

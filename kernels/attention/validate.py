@@ -3,6 +3,8 @@ argument and what was expected."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import math
 import numbers
@@ -128,7 +130,35 @@ def _as_length(name, value, L):
     return value
 
 
+_DEVICE_VALUE_CHECKS = contextvars.ContextVar("compodistill_kernels_device_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def device_value_checks(enabled: bool):
+    """Turn the checks that read device memory on or off inside the block.
+
+    Checking values that live on a GPU (offsets given as CUDA tensors, row_weight signs, teacher_slice
+    finiteness) costs one host synchronization per call, which stalls the launch queue. Inside
+    `device_value_checks(False)` those values are trusted; shapes, dtypes, devices and every value given
+    on the host (Python ints, lists, CPU tensors) are still checked. The kernels mask positions outside
+    [0, L), so offsets out of range give wrong slices, never out-of-bounds memory accesses. The checks are
+    also skipped while a CUDA graph is being captured, where a synchronization is not allowed.
+    """
+    token = _DEVICE_VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DEVICE_VALUE_CHECKS.reset(token)
+
+
+def _device_checks_wanted(device) -> bool:
+    if not _DEVICE_VALUE_CHECKS.get():
+        return False
+    return not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _as_offsets(name, value, B, device):
+    """(offsets as an int32 tensor on `device`, the host copy when the values were given on the host)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = torch.full((B,), int(value), dtype=torch.int64)
     elif isinstance(value, (list, tuple)):
@@ -139,18 +169,41 @@ def _as_offsets(name, value, B, device):
         _fail(name, "an integer tensor", value.dtype)
     if tuple(value.shape) != (B,):
         _fail(name, f"shape (B,) = ({B},)", _describe(value))
-    return value.to(device=device, dtype=torch.int32)
+    host = value if value.device.type == "cpu" else None
+    # a host-to-device copy of a few pageable bytes is staged at once; non_blocking avoids a stream sync
+    return value.to(device=device, dtype=torch.int32, non_blocking=True), host
+
+
+def _check_range(name, offsets, length, L):
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) + length > L):
+        what = "visual_len" if name == "visual_start" else "query_len"
+        _fail(name, f"{name} + [0, {what}={length}) inside [0, L={L}] for every sample", offsets.tolist())
 
 
 def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice=None):
-    """Validate the slice arguments; returns a SliceSpec with device tensors. One host sync checks all
-    the value ranges together."""
+    """Validate the slice arguments; returns a SliceSpec with device tensors.
+
+    Values given on the host are checked there, without touching the device. Values that live on the
+    device (CUDA offsets, row_weight, teacher_slice) are checked together in one host synchronization,
+    unless device_value_checks(False) is active or a CUDA graph is being captured.
+    """
     B, _, L, _ = q.shape
     visual_len = _as_length("visual_len", visual_len, L)
     query_len = _as_length("query_len", query_len, L)
-    vs = _as_offsets("visual_start", visual_start, B, q.device)
-    qs = _as_offsets("query_start", query_start, B, q.device)
-    checks = [vs.min(), (vs + visual_len).max(), qs.min(), (qs + query_len).max()]
+    vs, vs_host = _as_offsets("visual_start", visual_start, B, q.device)
+    qs, qs_host = _as_offsets("query_start", query_start, B, q.device)
+    if vs_host is not None:
+        _check_range("visual_start", vs_host, visual_len, L)
+    if qs_host is not None:
+        _check_range("query_start", qs_host, query_len, L)
+    on_device = _device_checks_wanted(q.device)
+    # (name, length, checked offsets) for the offsets that still need a device read
+    device_offsets = [(n, n_len, t) for n, n_len, t, host in (("visual_start", visual_len, vs, vs_host),
+                                                               ("query_start", query_len, qs, qs_host))
+                      if host is None and on_device]
+    checks = []
+    for _, length, t in device_offsets:
+        checks += [t.min(), (t + length).max()]
     if row_weight is not None:
         if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
             _fail("row_weight", "a floating-point tensor (B, query_len)", _describe(row_weight))
@@ -159,7 +212,8 @@ def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight,
         if row_weight.device != q.device:
             _fail("row_weight", f"the device of q ({q.device})", row_weight.device)
         row_weight = row_weight.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        checks.append(torch.where(torch.isfinite(row_weight), row_weight, -1.0).min())
+        if row_weight.device.type == "cpu" or on_device:
+            checks.append(torch.where(torch.isfinite(row_weight), row_weight, -1.0).min())
     if teacher_slice is not None:
         if not isinstance(teacher_slice, torch.Tensor) or not teacher_slice.is_floating_point():
             _fail("teacher_slice", "a floating-point tensor (B, query_len, visual_len)", _describe(teacher_slice))
@@ -168,19 +222,21 @@ def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight,
                   _describe(teacher_slice))
         if teacher_slice.device != q.device:
             _fail("teacher_slice", f"the device of q ({q.device})", teacher_slice.device)
-        checks.append(torch.isfinite(teacher_slice).all().to(torch.float64))
+        if teacher_slice.device.type == "cpu" or on_device:
+            checks.append(torch.isfinite(teacher_slice).all().to(torch.float64))
+    if not checks:
+        return SliceSpec(vs, visual_len, qs, query_len, row_weight)
+    # one host synchronization (none when every value is on the CPU) for all the value checks
     values = torch.stack([c.to(torch.float64) for c in checks]).tolist()
-    if values[0] < 0 or values[1] > L:
-        _fail("visual_start", f"visual_start + [0, visual_len={visual_len}) inside [0, L={L}] for every sample",
-              vs.tolist())
-    if values[2] < 0 or values[3] > L:
-        _fail("query_start", f"query_start + [0, query_len={query_len}) inside [0, L={L}] for every sample",
-              qs.tolist())
-    rest = values[4:]
-    if row_weight is not None:
-        if rest.pop(0) < 0:
+    for name, length, t in device_offsets:
+        low, high = values.pop(0), values.pop(0)
+        if low < 0 or high > L:
+            what = "visual_len" if name == "visual_start" else "query_len"
+            _fail(name, f"{name} + [0, {what}={length}) inside [0, L={L}] for every sample", t.tolist())
+    if row_weight is not None and (row_weight.device.type == "cpu" or on_device):
+        if values.pop(0) < 0:
             _fail("row_weight", "finite, non-negative weights", "a negative or non-finite weight")
-    if teacher_slice is not None and rest.pop(0) < 1:
+    if teacher_slice is not None and (teacher_slice.device.type == "cpu" or on_device) and values.pop(0) < 1:
         _fail("teacher_slice", "finite values", "NaN or inf")
     return SliceSpec(vs, visual_len, qs, query_len, row_weight)
 
