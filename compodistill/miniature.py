@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import load_config
+from .data.scenes import CR_SUBSETS
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
-CR_SUBSETS = ("swap_obj", "swap_att", "replace_obj", "replace_att", "replace_rel", "add_obj", "add_att")
 # The teacher must show the skills the students are meant to inherit (issue: ≥ 0.75 on both).
 TEACHER_BAR = {"swap_att": 0.75, "replace_rel": 0.75}
 
