@@ -1,4 +1,4 @@
-"""Test configuration for the kernel tests.
+"""Test configuration shared by tests/kernels and tests/library.
 
 Without a GPU, Triton's kernels run in its CPU interpreter. TRITON_INTERPRET is read when kernels are
 decorated, so it is set here, before anything imports compodistill_kernels' Triton module. On a GPU
@@ -6,7 +6,6 @@ machine it is left alone, so the real compiler runs.
 """
 
 import os
-import sys
 import zlib
 
 import torch
@@ -14,24 +13,19 @@ import torch
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-# tests/helpers.py is imported by name from the test files.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
 import pytest  # noqa: E402
 
-import helpers  # noqa: E402
+from .common import DEVICE, HAS_CUDA, interpreting  # noqa: E402
 
 
 def pytest_report_header(config):
-    if helpers.HAS_CUDA and not helpers.interpreting():
+    if HAS_CUDA and not interpreting():
         mode = f"compiled on {torch.cuda.get_device_name()}"
-    elif helpers.interpreting():
+    elif interpreting():
         mode = "interpreted on the CPU (TRITON_INTERPRET=1)"
     else:
         mode = "not runnable here (no CUDA, TRITON_INTERPRET unset): triton cases skip"
-    return f"compodistill_kernels tests: Triton kernels {mode}; kernel tests run on {helpers.DEVICE}"
+    return f"compodistill_kernels tests: Triton kernels {mode}; kernel tests run on {DEVICE}"
 
 
 @pytest.fixture
@@ -40,3 +34,14 @@ def gen(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory):
+    """The procedural benchmark at size "tiny" (seed 0, with the compositional split), generated once per
+    test session: (folder, summary). Read it, never write into it."""
+    from compodistill.data.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny-benchmark") / "synth"
+    summary = generate(str(out), seed=0, size="tiny", compositional=True)
+    return out, summary

@@ -26,7 +26,7 @@ _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 # BLOCK_M queries per program, BLOCK_N keys per step).
 # Every entry fits sm_80's 163 KiB of shared memory, compiles for sm_80 and sm_90 without spills, and for
 # fp16/bf16 at BLOCK_D <= 128 uses wgmma on sm_90: aot_check compiles the whole space
-# (tests/test_compile_sm80_sm90.py). Wider spaces only at the models' head dims (BLOCK_D 64 and 128).
+# (tests/kernels/test_compile_sm80_sm90.py). Wider spaces only at the models' head dims (BLOCK_D 64 and 128).
 _DEFAULTS = {
     "fwd": {
         (False, 16): (128, 64, 4, 3), (False, 32): (128, 64, 4, 3), (False, 64): (128, 64, 4, 3),

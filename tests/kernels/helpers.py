@@ -1,5 +1,5 @@
 """Shared pieces of the kernel tests: the tolerance table, error measures, input builders and the
-reference-versus-kernel recipe (STYLE.md item 6).
+reference-versus-kernel recipe.
 
 The recipe, for one function and one case:
 1. draw q, k, v (and the slice arguments) and round them to the test dtype;
@@ -20,23 +20,8 @@ import torch
 import compodistill_kernels as ck
 from compodistill_kernels.attention import naive
 
-from compodistill_kernels.attention.validate import interpreting, triton_available  # noqa: F401 (re-exported)
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-def triton_runnable() -> bool:
-    """backend="triton" can run here: compiled on a CUDA GPU, or interpreted on CPU tensors."""
-    return triton_available() and (interpreting() or HAS_CUDA)
-
-
-TRITON_SKIP_REASON = ("backend='triton' needs the triton package and either a CUDA GPU or TRITON_INTERPRET=1 "
-                      "(tests/conftest.py sets it when there is no GPU)")
-
-# Where test_attention.py / test_edge_cases.py run: compiled kernels on a GPU, else the interpreter on CPU.
-DEVICE = "cuda" if HAS_CUDA and not interpreting() else "cpu"
-
-DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from ..common import (DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, assert_finite,  # noqa: F401 (re-exported)
+                      assert_no_nan, interpreting, rel_err, triton_runnable)
 
 # ---------------------------------------------------------------------------------------------------
 # Tolerances: one table. Relative errors ‖x − ref‖ / ‖ref‖ against the float64 reference computed from
@@ -75,47 +60,6 @@ def tolerance(dtype: torch.dtype, device="cpu", backend="torch") -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Error measures and assertions
 # ---------------------------------------------------------------------------------------------------
-def assert_no_nan(name: str, x: torch.Tensor) -> None:
-    """Fail, naming the tensor, if x holds any NaN."""
-    bad = torch.isnan(x)
-    if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{name}: {int(bad.sum())} NaN of {x.numel()} entries (first at index {first})")
-
-
-def assert_finite(name: str, x: torch.Tensor, allow_neg_inf: bool = False) -> None:
-    """Fail on NaN, on +inf, and on -inf unless allow_neg_inf (lse of a row with no allowed key)."""
-    assert_no_nan(name, x)
-    bad = torch.isposinf(x) if allow_neg_inf else torch.isinf(x)
-    if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{name}: {int(bad.sum())} infinite entries (first at index {first})")
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor, name: str = "tensor") -> float:
-    """‖x − ref‖ / ‖ref‖ in float64, over the entries where ref is finite.
-
-    Infinite entries (the −inf lse of rows without an allowed key) must sit at the same positions with
-    the same sign in x and ref, else AssertionError. When ‖ref‖ = 0 the absolute error ‖x‖ is returned.
-    """
-    if tuple(x.shape) != tuple(ref.shape):
-        raise AssertionError(f"{name}: shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
-    x = x.detach().to(torch.float64)
-    ref = ref.detach().to(device=x.device, dtype=torch.float64)
-    x_inf, ref_inf = torch.isinf(x), torch.isinf(ref)
-    if x_inf.any() or ref_inf.any():
-        mismatch = (x_inf != ref_inf) | (ref_inf & (x != ref))
-        if mismatch.any():
-            first = tuple(int(i) for i in mismatch.nonzero()[0])
-            raise AssertionError(f"{name}: infinite entries differ from the reference at {int(mismatch.sum())} "
-                                 f"positions (first at {first}: got {x[first].item()}, "
-                                 f"expected {ref[first].item()})")
-        x, ref = x[~ref_inf], ref[~ref_inf]
-    diff = torch.linalg.vector_norm(x - ref).item()
-    norm = torch.linalg.vector_norm(ref).item()
-    return diff / norm if norm > 0 else diff
-
-
 def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float, allow_neg_inf: bool = False) -> None:
     """Named relative-error check: no NaN (nor inf, unless allowed and matching ref), rel_err <= tol."""
     assert_finite(name, x, allow_neg_inf=allow_neg_inf)

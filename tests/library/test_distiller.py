@@ -8,8 +8,8 @@ import torch
 from compodistill.distill import DistillConfig, Distiller, VATConfig
 from compodistill.models import build_preset, enable_gradient_checkpointing
 
-from helpers import TRITON_SKIP_REASON, triton_runnable
-from model_helpers import eager_losses, grads_of, make_batch, tiny_pair, worst_grad_error
+from ..common import TRITON_SKIP_REASON, triton_runnable
+from .model_helpers import eager_losses, grads_of, make_batch, tiny_pair, worst_grad_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

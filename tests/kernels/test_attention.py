@@ -1,27 +1,18 @@
 """Kernels against the float64 reference: out, lse / slc / loss, and dq, dk, dv, for both backends.
 
 On a machine without a GPU the Triton cases run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
-by conftest.py), so shapes stay small; tests/test_cuda.py is the GPU twin with large shapes and bf16.
+by conftest.py), so shapes stay small; tests/kernels/test_cuda.py is the GPU twin with large shapes and bf16.
 """
 
 import pytest
 import torch
 
-from helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, check_against_reference, \
+from ..common import backend_dtypes
+from .helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, check_against_reference, \
     interpreting, triton_runnable
 
 
-def _backend_dtypes():
-    """(backend, dtype) pairs. The interpreter has no bf16, so Triton bf16 runs only when compiled."""
-    pairs = [("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16),
-             ("triton", torch.float32), ("triton", torch.float16)]
-    if HAS_CUDA and not interpreting():
-        pairs.append(("triton", torch.bfloat16))
-    marks = {"triton": pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)}
-    return [pytest.param(b, d, id=f"{b}-{DTYPE_NAMES[d]}", marks=marks.get(b, ())) for b, d in pairs]
-
-
-BACKEND_DTYPES = _backend_dtypes()
+BACKEND_DTYPES = backend_dtypes()
 
 # Awkward shapes: non-power-of-two L and D, GQA and MQA, head dims 96 and 128 kept tiny.
 S37 = dict(B=2, Hq=4, Hkv=2, L=37, D=24)

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_benchmark):
     """Tiny benchmark data, a saved teacher and a saved TAF student (what DPT hands to DFT)."""
     root = tmp_path_factory.mktemp("train")
-    generate(root / "data", seed=1, size="tiny")
+    os.symlink(tiny_benchmark[0], root / "data")
     teacher = build_preset("tiny-teacher", seed=1)
     teacher.save_pretrained(root / "teacher")
     student = build_preset("tiny-student", seed=2)

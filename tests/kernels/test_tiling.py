@@ -11,7 +11,7 @@ tile, query rows crossing the diagonal, per-sample offsets, grouped-query heads 
 import pytest
 import torch
 
-from helpers import DEVICE, DTYPE_NAMES, TRITON_SKIP_REASON, Case, check_against_reference, triton_runnable
+from .helpers import DEVICE, DTYPE_NAMES, TRITON_SKIP_REASON, Case, check_against_reference, triton_runnable
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)
 

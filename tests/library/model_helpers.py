@@ -163,8 +163,3 @@ def worst_grad_error(got: dict, want: dict) -> float:
     floor = 1e-3 * max(r.norm().item() for r in want.values())
     return max(((got[n].double() - want[n].double()).norm() / max(want[n].norm().item(), floor)).item()
                for n in want)
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()

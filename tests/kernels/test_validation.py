@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import compodistill_kernels as ck
-from helpers import DEVICE, HAS_CUDA, TRITON_SKIP_REASON, triton_runnable
+from .helpers import DEVICE, HAS_CUDA, TRITON_SKIP_REASON, triton_runnable
 
 B, Hq, Hkv, L, D = 2, 4, 2, 12, 8
 VL, QL = 4, 3

@@ -3,13 +3,13 @@
 bf16, fp16 and fp32; sequence lengths near 1000 with SigLIP-sized images (576 and 729 visual tokens);
 head dims 64, 80 and 128; Qwen1.5-1.8B-like heads (16/16) and grouped-query heads (20/4); all three
 functions with backward; NaN edge cases at these sizes. Its CPU twin (small shapes, interpreter) is
-tests/test_attention.py, which on a GPU machine also runs against the compiled kernels.
+tests/kernels/test_attention.py, which on a GPU machine also runs against the compiled kernels.
 """
 
 import pytest
 import torch
 
-from helpers import DTYPE_NAMES, Case, assert_finite, check_against_reference, forward_backward, interpreting, \
+from .helpers import DTYPE_NAMES, Case, assert_finite, check_against_reference, forward_backward, interpreting, \
     make_inputs
 
 if not torch.cuda.is_available():

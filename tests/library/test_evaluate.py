@@ -19,7 +19,7 @@ from compodistill.data.benchmarks import CRItem, read_sugarcrepe, read_vqa, read
 from compodistill.data.chat import BadSample
 from compodistill.evaluate import (_caption_answer, evaluate_cr, evaluate_vqa, evaluate_yes_no, letter_token_ids,
                                    main, normalize_answer, parse_yes_no, stop_token_ids)
-from model_helpers import tiny
+from .model_helpers import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

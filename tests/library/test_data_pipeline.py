@@ -15,16 +15,14 @@ from compodistill.data.llava import LlavaDataset, build_collator
 from compodistill.data.synth import generate
 from compodistill.distill import DistillConfig, Distiller, VATConfig
 
-from model_helpers import tiny_pair
+from .model_helpers import tiny_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "synth"
-    generate(out, seed=3, size="tiny", compositional=True)
-    return out
+def bench(tiny_benchmark):
+    return tiny_benchmark[0]
 
 
 @pytest.mark.parametrize("name", ["llava_pretrain.json", "llava_instruct.json"])

@@ -6,20 +6,12 @@ allowed key, slices touching either end of the sequence, zero row weights, very 
 import pytest
 import torch
 
-from helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, assert_finite, \
+from ..common import backend_dtypes
+from .helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, assert_finite, \
     check_against_reference, interpreting, triton_runnable
 
 
-def _backend_dtypes():
-    pairs = [("torch", torch.float32), ("torch", torch.float16),
-             ("triton", torch.float32), ("triton", torch.float16)]
-    if HAS_CUDA and not interpreting():
-        pairs.append(("triton", torch.bfloat16))
-    marks = {"triton": pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)}
-    return [pytest.param(b, d, id=f"{b}-{DTYPE_NAMES[d]}", marks=marks.get(b, ())) for b, d in pairs]
-
-
-pytestmark = pytest.mark.parametrize("backend, dtype", _backend_dtypes())
+pytestmark = pytest.mark.parametrize("backend, dtype", backend_dtypes(torch_bf16=False))
 
 SLICE_KINDS = ("slice_rows", "slice_mean", "align")
 ALL_KINDS = ("flash",) + SLICE_KINDS

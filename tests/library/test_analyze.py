@@ -14,7 +14,7 @@ from PIL import Image
 from compodistill.analyze import analyze, bin_by_similarity, intervention_accuracy, depth_matches, main
 from compodistill.models import enable_compodistill_attention
 
-from model_helpers import tiny
+from .model_helpers import tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -10,7 +10,7 @@ from compodistill.models import (IMAGE_TOKEN, MLLM, TAFProjector, apply_taf, bui
                                  visual_token_positions)
 from compodistill.models.mllm import load_projector
 
-from model_helpers import make_batch, tiny
+from .model_helpers import make_batch, tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,8 +12,9 @@ from compodistill.models import (AttentionProbe, enable_compodistill_attention, 
                                  visual_token_positions)
 from compodistill.distill import query_rows
 
-from helpers import TRITON_SKIP_REASON, triton_runnable
-from model_helpers import BACKENDS, eager_copy, grads_of, make_batch, rel_err, tiny, worst_grad_error
+from ..common import TRITON_SKIP_REASON, triton_runnable
+from ..common import rel_err
+from .model_helpers import BACKENDS, eager_copy, grads_of, make_batch, tiny, worst_grad_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
