@@ -25,7 +25,7 @@ import torch
 
 from compodistill.distill import DistillConfig, Distiller, VATConfig, lm_and_kd_losses, query_rows
 from compodistill.distill.vat import combine_layers, group_targets, slice_loss
-from compodistill.models import apply_taf, build_preset, enable_compodistill_attention, visual_token_positions
+from compodistill.models import apply_taf, build_preset, enable_compodistill_attention, parts, visual_token_positions
 from compodistill_kernels.attention.naive import naive_visual_slice
 
 from .shapes import (LANGUAGE_MODELS, PROMPT_TOKENS, TRAIN_IMAGE_SIZE, TRAIN_LAYERS, TRAIN_MAX_SEQ_LEN,
@@ -66,7 +66,7 @@ def dft_setup(teacher_name, student_name, device, teacher_layers=None, student_l
             # Fresh tiny models attend almost uniformly, so teacher and student slices agree to 1e-5 and
             # the VAT term is noise; sharper queries and keys give it a size the smoke checks can compare.
             for mllm in (teacher, student):
-                for name, param in mllm.model.model.language_model.named_parameters():
+                for name, param in parts.language_model(mllm).named_parameters():
                     if "q_proj.weight" in name or "k_proj.weight" in name:
                         param.mul_(6.0)
     else:

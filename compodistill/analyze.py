@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from compodistill_kernels import BACKENDS
+
 from .data.chat import encode_prompt
 from .data.images import load_image, pixel_values
 from .distill.layers import match_layers, target_layers
@@ -276,7 +278,7 @@ def main(argv=None):
                                                       "(default: the intermediate band)")
     parser.add_argument("--mix", type=float, default=0.5, help="teacher weight in the intervention (default 0.5)")
     parser.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.limit < 1:

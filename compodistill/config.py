@@ -177,6 +177,8 @@ def _choice(key, value, allowed):
 
 def validate(config: Config) -> Config:
     """Checks that need more than one key, or the value ranges, with errors naming the key."""
+    from compodistill_kernels import BACKENDS
+
     from .distill import KD_KINDS, VATConfig
 
     _choice("stage", config.stage, STAGES)
@@ -213,7 +215,7 @@ def validate(config: Config) -> Config:
     _choice("data.padding_side", config.data.padding_side, ("right", "left"))
     _choice("optim.scheduler", config.optim.scheduler, SCHEDULERS)
     _choice("train.mixed_precision", config.train.mixed_precision, MIXED_PRECISION)
-    _choice("train.attention_backend", config.train.attention_backend, ("auto", "torch", "triton"))
+    _choice("train.attention_backend", config.train.attention_backend, BACKENDS)
     positive = {"optim.lr": config.optim.lr, "train.epochs": config.train.epochs,
                 "train.batch_size": config.train.batch_size, "train.grad_accum": config.train.grad_accum,
                 "train.log_every": config.train.log_every, "checkpoint.every": config.checkpoint.every,

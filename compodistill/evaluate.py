@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
+from compodistill_kernels import BACKENDS
+
 from .data.benchmarks import (SHORT_ANSWER_PROMPT, TWO_CHOICE_PROMPT, default_image_folder, read_sugarcrepe, read_vqa,
                               read_yes_no, short_answer_prompt)
 from .data.chat import encode_prompt, tokenize_conversation
@@ -449,7 +451,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=10, help="answer length limit for VQA and yes/no")
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each subset / file")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="attention kernels backend (default auto: triton on CUDA, torch otherwise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available, else cpu)")

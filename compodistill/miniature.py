@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 from .data.scenes import CR_SUBSETS
+from .models import parts
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -110,7 +111,7 @@ def pretrain_vision_tower(mllm, data_dir: str, *, steps: int, batch_size: int = 
     targets = torch.stack([patch_targets(s, colors, shapes, side) for s in scenes])
     images = pixel_values(mllm.image_processor,
                           [load_image(os.path.join(data_dir, "images", s.image), s.id) for s in scenes])
-    tower = mllm.model.model.vision_tower
+    tower = parts.vision_tower(mllm)
     layer = mllm.model.config.vision_feature_layer
     hidden = vision_config.hidden_size
     generator = torch.Generator().manual_seed(seed)

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .config import Config, config_to_dict, dump_config
 from .distill import DistillConfig, Distiller
 from .models import MLLM, apply_taf, enable_gradient_checkpointing, load_mllm
-from .models.mllm import TAFProjector, unwrap_peft
+from .models import parts
+from .models.mllm import TAFProjector
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -62,17 +63,17 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def _param_groups(model, trainable) -> dict:
     """Parameters of each named part of a (possibly peft-wrapped) LLaVA."""
-    base = unwrap_peft(model)
-    projector = base.model.multi_modal_projector
-    parts = {
+    base = parts.base_model(model)
+    projector = parts.projector(base)
+    groups = {
         "projector": list(projector.parameters()),
         "post_projector": list(projector.post.parameters()) if isinstance(projector, TAFProjector) else [],
-        "lm": list(base.model.language_model.parameters()) + list(base.lm_head.parameters()),
-        "vision": list(base.model.vision_tower.parameters()),
+        "lm": list(parts.language_model(base).parameters()) + list(parts.lm_head(base).parameters()),
+        "vision": list(parts.vision_tower(base).parameters()),
         "lora": [p for n, p in base.named_parameters() if "lora_" in n],
         "all": list(base.parameters()),
     }
-    return {name: parts[name] for name in trainable}
+    return {name: groups[name] for name in trainable}
 
 
 class Recipe:
@@ -108,9 +109,8 @@ class Recipe:
         self.teacher = load_mllm(cfg.model.teacher) if cfg.needs_teacher else None
         if self.teacher is not None:
             if cfg.model.vision_from_teacher:
-                self.student.model.model.vision_tower.load_state_dict(
-                    self.teacher.model.model.vision_tower.state_dict())
-            if cfg.model.taf and not isinstance(self.student.model.model.multi_modal_projector, TAFProjector):
+                parts.vision_tower(self.student).load_state_dict(parts.vision_tower(self.teacher).state_dict())
+            if cfg.model.taf and not isinstance(parts.projector(self.student), TAFProjector):
                 apply_taf(self.student, self.teacher, seed=cfg.model.seed)
         model = self.student.model
         model.requires_grad_(False)
@@ -121,8 +121,7 @@ class Recipe:
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                 target_modules=rf".*language_model.*\.({targets})$"))
-        if "post_projector" in cfg.trainable and not isinstance(
-                self.student.model.model.multi_modal_projector, TAFProjector):
+        if "post_projector" in cfg.trainable and not isinstance(parts.projector(self.student), TAFProjector):
             raise ValueError("trainable: 'post_projector' needs a TAF projector (model.taf: true with a teacher, "
                              "or a checkpoint trained with TAF); use 'projector' otherwise")
         self.groups = _param_groups(model, cfg.trainable)
@@ -133,7 +132,7 @@ class Recipe:
         if not self.trainable:
             raise ValueError(f"trainable: {cfg.trainable} selects no parameter in this model")
         if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(unwrap_peft(model))
+            enable_gradient_checkpointing(parts.unwrap_peft(model))
         model.train()
 
         distill = DistillConfig(weights={"lm": cfg.losses.lm, "kd": cfg.losses.kd, "vat": cfg.losses.vat},

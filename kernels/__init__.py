@@ -6,7 +6,7 @@
                                          query_start, query_len)
 """
 
-from .attention import attention_with_alignment, attention_with_visual_slice, flash_attention
+from .attention import BACKENDS, attention_with_alignment, attention_with_visual_slice, flash_attention
 
-__all__ = ["flash_attention", "attention_with_visual_slice", "attention_with_alignment"]
+__all__ = ["BACKENDS", "flash_attention", "attention_with_visual_slice", "attention_with_alignment"]
 __version__ = "0.1.0"

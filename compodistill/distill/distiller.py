@@ -18,7 +18,8 @@ from torch import nn
 
 from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodistill_attention,
                                 num_language_model_layers)
-from ..models.mllm import MLLM, unwrap_peft, visual_token_positions
+from ..models import parts
+from ..models.mllm import MLLM, visual_token_positions
 from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
 from .vat import VATConfig, combine_layers, group_targets, query_rows, resolve_layers, slice_loss
@@ -70,8 +71,7 @@ def _unwrap(model):
 
 def _parts(model):
     """(LlavaModel backbone, lm_head, config) of a LLaVA, also through a peft wrapper."""
-    base = unwrap_peft(model)
-    return base.model, base.lm_head, base.config
+    return parts.backbone(model), parts.lm_head(model), parts.base_model(model).config
 
 
 def check_compatible(student: MLLM, teacher: MLLM):

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from compodistill_kernels import attention_with_alignment, attention_with_visual_slice, flash_attention
+from compodistill_kernels import BACKENDS, attention_with_alignment, attention_with_visual_slice, flash_attention
 
-from .mllm import unwrap_peft
+from . import parts
 
 ATTENTION_NAME = "compodistill"
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -219,14 +218,8 @@ def register_compodistill_attention():
 
 def language_model_attention_modules(model):
     """The self-attention modules of the language model (those with a `layer_idx`)."""
-    lm = _language_model(model)
+    lm = parts.language_model(model)
     return [m for m in lm.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
-
-
-def _language_model(model):
-    base = unwrap_peft(model)
-    inner = getattr(base, "model", base)
-    return getattr(inner, "language_model", inner)
 
 
 def enable_compodistill_attention(model, backend: str = "auto"):
@@ -238,7 +231,7 @@ def enable_compodistill_attention(model, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     register_compodistill_attention()
-    base = unwrap_peft(model)
+    base = parts.unwrap_peft(model)
     if hasattr(base.config, "text_config"):
         base.set_attn_implementation({"text_config": ATTENTION_NAME})
     else:
@@ -252,6 +245,4 @@ def enable_compodistill_attention(model, backend: str = "auto"):
 
 
 def num_language_model_layers(model) -> int:
-    base = unwrap_peft(model)
-    config = getattr(base.config, "text_config", base.config)
-    return config.num_hidden_layers
+    return parts.text_config(model).num_hidden_layers

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import parts
 from .tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, build_tiny_tokenizer
 
 SUPPORTED_TEXT_MODELS = ("qwen2",)
@@ -87,11 +88,6 @@ def llava_class():
     if _LLAVA_CLASS is None:
         _LLAVA_CLASS = _llava_class()
     return _LLAVA_CLASS
-
-
-def unwrap_peft(model):
-    """The transformers model inside a peft wrapper (the model itself when it is not wrapped)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _vision_feature_size(config) -> int:
@@ -367,7 +363,7 @@ def apply_taf(student: MLLM, teacher: MLLM, *, seed: int = 0) -> MLLM:
         raise ValueError("teacher: TAF needs the same vision features in teacher and student "
                          f"(sizes {_vision_feature_size(t_cfg)} vs {_vision_feature_size(s_cfg)}, layers "
                          f"{t_cfg.vision_feature_layer} vs {s_cfg.vision_feature_layer})")
-    teacher_projector = teacher.model.model.multi_modal_projector
+    teacher_projector = parts.projector(teacher)
     if isinstance(teacher_projector, TAFProjector):
         raise ValueError("teacher: its projector is itself a TAF projector; use a teacher with a plain projector")
     teacher_hidden = t_cfg.text_config.hidden_size
@@ -377,7 +373,7 @@ def apply_taf(student: MLLM, teacher: MLLM, *, seed: int = 0) -> MLLM:
                            bias=s_cfg.multimodal_projector_bias)
     taf.fetched.load_state_dict(copy.deepcopy(teacher_projector.state_dict()))
     taf.fetched.requires_grad_(False)
-    student.model.model.multi_modal_projector = taf.to(device=ref.device, dtype=ref.dtype)
+    parts.set_projector(student, taf.to(device=ref.device, dtype=ref.dtype))
     s_cfg.taf_hidden_size = teacher_hidden
     return student
 

@@ -4,13 +4,13 @@ are differentiable with respect to q, k and v."""
 from __future__ import annotations
 
 from . import torch_impl
-from .validate import (check_common, check_eps, check_qkv, check_reduce, check_slice, check_triton_shapes,
-                       resolve_backend)
+from .validate import (BACKENDS, check_common, check_eps, check_qkv, check_reduce, check_slice,
+                       check_triton_shapes, resolve_backend)
 
 
 def _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected one of ('auto', 'triton', 'torch'), got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     check_qkv(q, k, v, backend)
     backend = resolve_backend(backend, q)
     if backend == "triton":

@@ -17,7 +17,7 @@ import torch
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_ONLY_DTYPES = (torch.float64,)  # the torch path also takes float64, for gradcheck
 MAX_TRITON_HEAD_DIM = 256
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")  # "auto": Triton for CUDA tensors, torch otherwise
 
 
 @dataclass

@@ -12,9 +12,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from compodistill.models import apply_taf, build_preset
+from compodistill.models import apply_taf, build_preset, parts
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton")  # the two concrete backends ("auto" picks one)
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,7 +24,7 @@ def _cached(name: str, seed: int):
     # agree to 1e-5: a VAT test would then compare rounding noise. Sharper queries and keys give peaked,
     # model-specific attention maps.
     with torch.no_grad():
-        for name_, param in mllm.model.model.language_model.named_parameters():
+        for name_, param in parts.language_model(mllm).named_parameters():
             if "q_proj.weight" in name_ or "k_proj.weight" in name_:
                 param.mul_(6.0)
     return mllm
