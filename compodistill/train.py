@@ -1,66 +1,29 @@
-"""`python -m compodistill.train`: run one stage, a chain of stages, or (with no arguments) the demo.
+"""`python -m compodistill.train`: train one stage, a chain of stages, or (with no arguments) the demo.
 
-    python -m compodistill.train                                   # end-to-end demo on the CPU (~11 min on 2 cores)
-    python -m compodistill.train --quick                           # the same, small (~2 min)
+    python -m compodistill.train                                      # the miniature demo on the CPU
     python -m compodistill.train --config configs/dft.yaml optim.lr=1e-4 train.max_steps=100
-    python -m compodistill.train --pipeline compodistill --root runs   # DPT → DFT → SFT
-    python -m compodistill.train --pipeline ablations               # the miniature reproduction → results/miniature.md
-    python -m compodistill.train --config dft --resume            # continue from the last checkpoint
-    accelerate launch -m compodistill.train --config dft          # DDP / FSDP / DeepSpeed via accelerate
+    python -m compodistill.train --config dft --resume                # continue from the newest good checkpoint
+    python -m compodistill.train --pipeline compodistill --root runs  # DPT → DFT → SFT
+    python -m compodistill.train --pipeline ablations                 # the full miniature reproduction
+    accelerate launch -m compodistill.train --config dft              # DDP / FSDP / DeepSpeed via accelerate
 
-A stage's overrides are `key=value` pairs on its YAML (values parsed as YAML). In a pipeline each stage
-starts from the previous stage's `final/` model, writes to `<root>/<stage>`, and uses the teacher
-`<root>/teacher-finetune/final` unless `model.teacher=...` says otherwise.
+Options and `key=value` overrides may come in any order. Overrides are parsed as YAML and apply to the
+stage's config (every stage of a pipeline). In a pipeline each stage starts from the previous stage's
+`final/` model, writes to `<root>/<stage>`, and learns from `<root>/teacher-finetune/final` unless
+`model.teacher=...` says otherwise.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .config import load_config, packaged_config_names
+from .training import PIPELINES, describe, load_config, packaged_config_names, pipeline_plan, run_plan
 
-PIPELINES = {
-    "teacher": ("teacher-pretrain", "teacher-finetune"),
-    "compodistill": ("dpt", "dft", "sft"),
-    "baselines": ("baseline-sft", "baseline-kd"),
-}
-
-
-def pipeline_overrides(pipeline: str, root: str) -> list[tuple[str, list[str]]]:
-    """(stage, overrides) for each stage of a named pipeline rooted at `root`."""
-    if pipeline not in PIPELINES:
-        raise ValueError(f"--pipeline: expected one of {sorted(PIPELINES)}, got {pipeline!r}")
-    stages, plan = PIPELINES[pipeline], []
-    for i, stage in enumerate(stages):
-        overrides = [f"output_dir={root}/{stage}"]
-        if i > 0:
-            overrides.append(f"model.path={root}/{stages[i - 1]}/final")
-        if pipeline != "teacher":
-            overrides.append(f"model.teacher={root}/teacher-finetune/final")
-        plan.append((stage, overrides))
-    return plan
-
-
-def run_stage(config_name: str, overrides, *, resume=False, progress=True) -> dict:
-    from .recipe import Recipe
-
-    config = load_config(config_name, overrides)
-    return Recipe(config, resume=resume, progress=progress).run()
-
-
-def run_pipeline(pipeline: str, root: str, overrides=(), *, resume=False, progress=True) -> list[dict]:
-    results = []
-    for stage, chain in pipeline_overrides(pipeline, root):
-        # With --resume, stages whose final model exists are done; the first unfinished one resumes.
-        if resume and os.path.isfile(os.path.join(root, stage, "final", "config.json")):
-            print(f"{stage}: already finished ({root}/{stage}/final)")
-            continue
-        result = run_stage(stage, chain + list(overrides), resume=resume, progress=progress)
-        results.append(result)
-        if result["status"] != "finished":
-            break
-    return results
+EXPERIMENTS = ("ablations",)
+DEFAULT_ROOTS = {"pipeline": "runs", "ablations": "runs/miniature", "demo": "runs/demo"}
+# Options that only some modes take: given to another mode, they are an error rather than ignored.
+MODE_OPTIONS = {"quick": ("demo",), "from_scratch": ("demo",), "scale": ("ablations",), "seeds": ("ablations", "demo"),
+                "results": ("ablations",), "root": ("pipeline", "ablations", "demo")}
 
 
 def build_parser():
@@ -70,47 +33,75 @@ def build_parser():
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. optim.lr=1e-4)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--config", help="a stage YAML, or the name of a packaged one (dpt, dft, sft, ...)")
-    mode.add_argument("--pipeline", choices=sorted(PIPELINES) + ["ablations"],
-                      help="run a chain of stages, or 'ablations': the miniature reproduction (compodistill.miniature)")
-    parser.add_argument("--root", default="runs", help="output root of a pipeline (default runs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--quick", action="store_true", help="demo: the small version (~2 min on 2 cores)")
-    parser.add_argument("--from-scratch", action="store_true", help="demo: retrain the teacher even if one exists")
-    parser.add_argument("--demo-root", default="runs/demo", help="demo: output folder (default runs/demo)")
+    mode.add_argument("--pipeline", choices=sorted(PIPELINES) + list(EXPERIMENTS),
+                      help="a chain of packaged stages, or 'ablations': the full miniature reproduction")
+    parser.add_argument("--root", default=None,
+                        help=f"output root (default: {DEFAULT_ROOTS['pipeline']} for a pipeline, "
+                             f"{DEFAULT_ROOTS['ablations']} for ablations, {DEFAULT_ROOTS['demo']} for the demo)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue: skip finished stages, resume a stopped one from its newest good checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--scale", default="full", help="ablations: 'full' (the committed results) or 'smoke'")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablations: seeds (default: the scale's)")
-    parser.add_argument("--results", default="results/miniature.md", help="ablations: the Markdown table to write")
+    parser.add_argument("--quick", action="store_true", help="demo: the CI-sized smoke version (about a minute)")
+    parser.add_argument("--from-scratch", action="store_true", help="demo: retrain everything found on disk")
+    parser.add_argument("--scale", default=None, help="ablations: 'full' (the committed results) or 'smoke'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="demo/ablations: student seeds")
+    parser.add_argument("--results", default=None, help="ablations: the Markdown report to write "
+                                                         "(default results/miniature.md)")
     return parser
+
+
+def _mode(args) -> str:
+    if args.config:
+        return "config"
+    if args.pipeline in EXPERIMENTS:
+        return args.pipeline
+    return "pipeline" if args.pipeline else "demo"
+
+
+def _check_mode_options(parser, args, mode):
+    for option, modes in MODE_OPTIONS.items():
+        value = getattr(args, option)
+        if value not in (None, False) and mode not in modes:
+            parser.error(f"--{option.replace('_', '-')} applies to {' and '.join(modes)}, not to {mode}")
+    if args.overrides and mode not in ("config", "pipeline"):
+        parser.error(f"key=value overrides need --config or --pipeline (got {args.overrides[0]!r})")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    mode = _mode(args)
+    _check_mode_options(parser, args, mode)
     progress = not args.no_progress
+    root = args.root or DEFAULT_ROOTS.get(mode)
     try:
-        if args.config:
-            result = run_stage(args.config, args.overrides, resume=args.resume, progress=progress)
-            return 0 if result["status"] == "finished" else 130
-        if args.pipeline == "ablations":
-            from .miniature import command_line, run_ablations
+        if mode == "config":
+            results = run_plan([load_config(args.config, args.overrides)], resume=args.resume, progress=progress)
+        elif mode == "pipeline":
+            results = run_plan(pipeline_plan(args.pipeline, root, args.overrides), resume=args.resume,
+                               progress=progress, report=lambda r: print(describe(r)))
+        elif mode == "ablations":
+            from .experiments.miniature import run_ablations
 
-            root = args.root if args.root != "runs" else "runs/miniature"
-            run_ablations(root, scale=args.scale, results=args.results, seeds=args.seeds, progress=progress,
-                          command=command_line(argv if argv is not None else sys.argv[1:]))
+            run_ablations(root, scale=args.scale or "full", results=args.results or "results/miniature.md",
+                          seeds=args.seeds, progress=progress, command=_command(argv))
             return 0
-        if args.pipeline:
-            results = run_pipeline(args.pipeline, args.root, args.overrides, resume=args.resume, progress=progress)
-            return 0 if all(r["status"] == "finished" for r in results) else 130
-        if args.overrides:
-            parser.error("overrides need --config or --pipeline")
-        from .demo import run_demo
+        else:
+            from .experiments.demo import run_demo
 
-        return run_demo(args.demo_root, quick=args.quick, from_scratch=args.from_scratch, resume=args.resume,
-                        progress=progress)
+            return run_demo(root, quick=args.quick, from_scratch=args.from_scratch, seeds=args.seeds,
+                            progress=progress)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0 if all(r.finished for r in results) else 130
+
+
+def _command(argv) -> str:
+    import shlex
+
+    words = sys.argv[1:] if argv is None else argv
+    return "python -m compodistill.train " + " ".join(shlex.quote(str(w)) for w in words)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,8 @@ import time
 import pytest
 import torch
 
-from compodistill.config import load_config
-from compodistill.data.synth import generate
 from compodistill.models import apply_taf, build_preset
-from compodistill.recipe import Recipe, latest_checkpoint, read_metrics
+from compodistill.training import Recipe, latest_checkpoint, load_config, read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -37,7 +36,7 @@ def _overrides(world, out, *extra, data="llava_instruct"):
     return [f"output_dir={out}", f"data.json={world}/data/{data}.json", f"data.image_folder={world}/data/images",
             f"model.teacher={world}/teacher", "train.batch_size=8", "train.log_every=1", "optim.lr=3e-3",
             "optim.warmup_ratio=0", "optim.scheduler=constant", "data.max_length=256", "log.tensorboard=false",
-            "log.plot=false", "lora.r=8", "lora.alpha=16", "lora.dropout=0", *extra]
+            "log.plot=false", "lora.r=8", "lora.alpha=16", "lora.dropout=0", "train.global_batch_size=null", *extra]
 
 
 STAGES = {
@@ -80,11 +79,11 @@ def test_each_stage_trains_only_its_parameters_and_its_loss_drops(world, tmp_pat
     allowed = EXPECTED_CHANGES[stage]
     assert all(any(part in k for part in allowed) for k in changed), sorted(changed)[:5]
     assert not any("fetched" in k or "vision_tower" in k for k in changed)  # TAF's teacher part and SigLIP stay
-    losses = [r["loss"] for r in read_metrics(result["metrics"])]
+    losses = [r["loss"] for r in read_metrics(result.metrics)]
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, losses
-    assert os.path.isfile(os.path.join(result["final"], "config.json"))
+    assert os.path.isfile(os.path.join(result.final, "config.json"))
 
 
 def test_final_model_loads_with_lora_merged(world, tmp_path):
@@ -94,7 +93,7 @@ def test_final_model_loads_with_lora_merged(world, tmp_path):
                                            f"model.path={world}/taf-student"))
     recipe = Recipe(config, progress=False).setup()
     result = recipe.train()
-    loaded = load_pretrained(result["final"])
+    loaded = load_pretrained(result.final)
     assert not any("lora" in k for k in loaded.model.state_dict())
     peft_model = recipe.accelerator.unwrap_model(recipe.distiller).student
     batch = next(iter(recipe.loader))
@@ -123,7 +122,7 @@ def test_interrupted_and_resumed_run_continues_the_same_curve(world, tmp_path, m
 
     monkeypatch.setattr(recipe, "_loss_step", loss_step_then_sigterm)
     interrupted = recipe.train()
-    assert interrupted["status"] == "interrupted" and interrupted["step"] == 7
+    assert interrupted.status == "interrupted" and interrupted.step == 7
     assert latest_checkpoint(str(tmp_path / "b")).endswith("step-000007")
 
     # A partial checkpoint (temporary folder) and a newer folder without its state file are ignored.
@@ -132,8 +131,8 @@ def test_interrupted_and_resumed_run_continues_the_same_curve(world, tmp_path, m
     (root / "step-000009").mkdir()
     resumed = Recipe(load_config("dpt", _overrides(world, tmp_path / "b", *args, data="llava_pretrain")),
                      resume=True, progress=False).run()
-    assert resumed["status"] == "finished"
-    a, b = _curve(straight["metrics"]), _curve(resumed["metrics"])
+    assert resumed.status == "finished"
+    a, b = _curve(straight.metrics), _curve(resumed.metrics)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
     assert torch.allclose(torch.tensor([x for _, x in a]), torch.tensor([x for _, x in b]), rtol=1e-5, atol=1e-6)
 
@@ -144,23 +143,123 @@ def _cli(*args, cwd, env_extra=None, launcher=None):
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_killed_process_resumes_from_its_last_complete_checkpoint(world, tmp_path):
-    args = ["--config", "dpt", "--no-progress", *_overrides(world, tmp_path / "run", "train.max_steps=8",
-                                                             "checkpoint.every=2", "model.path=tiny-student",
-                                                             data="llava_pretrain")]
-    proc = _cli(*args, cwd=tmp_path)
-    deadline = time.time() + 300
-    while latest_checkpoint(str(tmp_path / "run")) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
-    proc.wait()
-    assert latest_checkpoint(str(tmp_path / "run")) is not None
+def _run_until_checkpoint(args, folder, step, cwd):
+    """Start the CLI, SIGKILL it once the checkpoint of `step` is complete (no handler runs: whatever was
+    being written stays half-written)."""
+    proc = _cli(*args, cwd=cwd)
+    target = folder / "checkpoints" / f"step-{step:06d}"
+    deadline = time.time() + 600
+    while not target.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    out, _ = proc.communicate()
+    assert target.is_dir(), out[-3000:]
+
+
+def _exact_curve(path):
+    return [(r["step"], r["loss"], r.get("vat")) for r in read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(world, tmp_path_factory):
+    """A DFT run with LoRA dropout 0.05, uninterrupted, and the same run killed (SIGKILL) after its step-8
+    checkpoint: (uninterrupted run folder, killed run folder, its CLI arguments)."""
+    root = tmp_path_factory.mktemp("dropout")
+
+    def args(out):
+        overrides = [o for o in _overrides(world, out, "train.max_steps=12", "checkpoint.every=4", "checkpoint.keep=3",
+                                           "train.batch_size=4", f"model.path={world}/taf-student",
+                                           "vat.student_layers=[1,2]", "vat.teacher_layers=[2,3,4,5]")
+                     if o != "lora.dropout=0"]
+        return ["--config", "dft", *overrides, "lora.dropout=0.05", "--no-progress"]  # options after overrides
+
+    straight = _cli(*args(root / "straight"), cwd=root)
+    out, _ = straight.communicate(timeout=900)
+    assert straight.returncode == 0, out[-3000:]
+    _run_until_checkpoint(args(root / "killed"), root / "killed", 8, cwd=root)
+    return root / "straight", root / "killed", args(root / "killed")
+
+
+def test_killed_run_with_dropout_resumes_to_the_identical_curve(dropout_runs, tmp_path):
+    straight, killed, args = dropout_runs
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    args = [a.replace(str(killed), str(run)) for a in args]
+    done = _cli(*args, "--resume", cwd=tmp_path)
+    out, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step-000008" in out
+    # bit for bit: every logged loss of the resumed run equals the uninterrupted one (dropout included)
+    assert _exact_curve(run / "metrics.jsonl") == _exact_curve(straight / "metrics.jsonl")
+    assert [s for s, _, _ in _exact_curve(run / "metrics.jsonl")] == list(range(1, 13))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_name(dropout_runs, tmp_path):
+    straight, killed, args = dropout_runs
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    args = [a.replace(str(killed), str(run)) for a in args]
+    weights = run / "checkpoints" / "step-000008" / "model.safetensors"
+    with open(weights, "r+b") as f:  # as a full disk or a half-copied folder leaves it
+        f.truncate(weights.stat().st_size // 3)
+    done = _cli(*args, "--resume", cwd=tmp_path)
+    out, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, out[-3000:]
+    assert "skipping damaged checkpoint" in out and str(weights) in out and "step-000004" in out
+    assert _exact_curve(run / "metrics.jsonl") == _exact_curve(straight / "metrics.jsonl")
+
+
+def test_resume_fails_clearly_when_every_checkpoint_is_damaged(dropout_runs, tmp_path):
+    _, killed, args = dropout_runs
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    args = [a.replace(str(killed), str(run)) for a in args]
+    for manifest in (run / "checkpoints").glob("step-*/checkpoint.json"):
+        manifest.unlink()
     done = _cli(*args, "--resume", cwd=tmp_path)
     out, _ = done.communicate(timeout=300)
-    assert done.returncode == 0, out[-2000:]
-    assert "resumed from" in out
-    steps = [s for s, _ in _curve(tmp_path / "run" / "metrics.jsonl")]
-    assert steps == list(range(1, 9))
+    assert done.returncode == 2, out[-3000:]
+    assert "no usable checkpoint" in out and "checkpoint.json is missing" in out and "Traceback" not in out
+
+
+def test_cli_takes_options_and_overrides_in_any_order():
+    from compodistill.train import build_parser
+
+    args = build_parser().parse_intermixed_args(["--config", "dft", "--no-progress", "optim.lr=1e-4", "--resume",
+                                                  "train.max_steps=3"])
+    assert args.config == "dft" and args.no_progress and args.resume
+    assert args.overrides == ["optim.lr=1e-4", "train.max_steps=3"]
+
+
+def test_cli_refuses_options_of_another_mode(tmp_path):
+    proc = _cli("--config", "dft", "--quick", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--quick applies to demo" in out
+
+
+def test_global_batch_size_sets_the_accumulation(world, tmp_path):
+    from compodistill.training.config import grad_accum_steps
+
+    config = load_config("dft", ["train.batch_size=4", "train.global_batch_size=16"])
+    assert grad_accum_steps(config, 1) == 4 and grad_accum_steps(config, 2) == 2 and grad_accum_steps(config, 4) == 1
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        grad_accum_steps(config, 3)
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        load_config("dft", ["train.batch_size=4", "train.global_batch_size=10"])
+    with pytest.raises(ValueError, match="train.grad_accum"):
+        load_config("dft", ["train.batch_size=4", "train.global_batch_size=16", "train.grad_accum=2"])
+
+
+@pytest.mark.parametrize("name", ["dpt", "dft", "sft"])
+def test_packaged_stage_configs_carry_the_published_hyper_parameters(name):
+    config = load_config(name)
+    assert config.optim.lr == 2e-4 and config.optim.weight_decay == 0.0 and config.optim.warmup_ratio == 0.03
+    assert config.optim.scheduler == "cosine" and config.train.epochs == 1 and config.data.max_length == 1536
+    assert config.train.global_batch_size == {"dpt": 256, "dft": 128, "sft": 192}[name]
+    if name != "dpt":
+        assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (128, 256, 0.05)
+    assert (config.losses.lm, config.losses.kd, config.losses.vat) == {
+        "dpt": (1.0, 1.0, 0.0), "dft": (1.0, 1.0, 1.0), "sft": (1.0, 0.0, 0.0)}[name]
 
 
 def test_two_processes_match_one_at_the_same_global_batch(world, tmp_path):
@@ -178,7 +277,8 @@ def test_two_processes_match_one_at_the_same_global_batch(world, tmp_path):
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
         outputs.append(out)
-    assert "global batch 8 (1 process(es) × 8" in outputs[0] and "global batch 8 (2 process(es) × 4" in outputs[1]
+    assert "global batch 8 (1 process(es) × 8" in outputs[0], outputs[0][-3000:]
+    assert "global batch 8 (2 process(es) × 4" in outputs[1], outputs[1][-3000:]
     a, b = _curve(tmp_path / "one" / "metrics.jsonl"), _curve(tmp_path / "two" / "metrics.jsonl")
     assert [s for s, _ in a] == [s for s, _ in b]
     # Each process averages its own tokens, so the two-process mean of means differs slightly from the
@@ -227,7 +327,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-    from compodistill.recipe import lr_lambda
+    from compodistill.training import lr_lambda
 
     cosine = lr_lambda("cosine", warmup=4, total=20)
     values = [cosine(step) for step in range(20)]
@@ -242,7 +342,7 @@ def test_gradient_accumulation_matches_the_larger_batch(world, tmp_path):
     for name, extra in (("big", ["train.batch_size=8"]), ("accum", ["train.batch_size=4", "train.grad_accum=2"])):
         config = load_config("baseline-kd", _overrides(world, tmp_path / name, "train.max_steps=5",
                                                        "model.path=tiny-student", *extra))
-        curves.append(_curve(Recipe(config, progress=False).run()["metrics"]))
+        curves.append(_curve(Recipe(config, progress=False).run().metrics))
     (a, b) = curves
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
     # Each micro-batch averages its own tokens, so the accumulated loss is a mean of two means.

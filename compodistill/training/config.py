@@ -1,21 +1,34 @@
-"""Training configuration: one YAML per stage, `key=value` overrides, strict validation.
+"""A stage's configuration: one typed tree per stage, read from one YAML, with `key=value` overrides.
 
-A config is a tree of dataclasses. `load_config(path_or_name, overrides)` reads the YAML, applies the
-overrides (`optim.lr=1e-4`, `losses.vat=0`, `model.teacher=runs/teacher/final`; values are parsed as
-YAML), and checks every key and type, so that a typo or an impossible combination fails at once with a
-ValueError naming the dotted key. The merged config is printed at start and saved with every checkpoint.
+A stage is fully described by its `StageConfig`: which model trains and which parts of it, from which
+teacher, on which data, with which losses and weights (`losses`, `kd`, `vat`), optimizer and schedule.
+The packaged YAMLs in `configs/` (installed as `compodistill.configs`) are the stages this library
+ships; the `stage` key is the stage's name, nothing more: what a stage does is what its config says.
+
+    config = load_config("dft", ["optim.lr=1e-4", "vat.preset=code"])   # a packaged name or a path
+    config = evolve(config, output_dir="runs/x", model=replace(config.model, seed=3))
+
+`load_config` reads the YAML, applies the overrides (values parsed as YAML), builds the dataclasses and
+validates every key, type and range, so a typo or an impossible combination fails at once with a
+ValueError naming the dotted key. `evolve` changes typed fields and validates again. The merged config
+is printed at start and saved next to the run and with every checkpoint (`dump_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 import yaml
 
-STAGES = ("teacher-pretrain", "teacher-finetune", "dpt", "dft", "sft", "baseline-sft", "baseline-kd")
+from compodistill_kernels import BACKENDS
+
+from ..distill import KD_KINDS, VAT_PRESETS, DistillConfig, VATConfig
+
 TRAINABLE_PARTS = ("projector", "post_projector", "lm", "lora", "vision", "all")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -26,7 +39,8 @@ class ModelConfig:
     """path: the model that trains (a preset, a checkpoint folder, or {vision_tower, language_model,
     projector} paths); teacher: a preset or folder, needed by kd/vat/taf; taf: give the student the
     teacher's projector plus a trainable post-projector (skipped if it already has one);
-    vision_from_teacher: copy the teacher's vision tower into the student (they share one SigLIP)."""
+    vision_from_teacher: copy the teacher's vision tower into the student (they share one SigLIP);
+    seed: the random weights of a preset or a fresh projector."""
 
     path: typing.Any = "tiny-student"
     teacher: typing.Any = None
@@ -59,6 +73,9 @@ class DataConfig:
 
 @dataclass
 class LossWeights:
+    """The weight of each loss term; 0 switches it off. lm: the student's next-token cross-entropy on
+    the supervised tokens; kd: logit distillation from the teacher; vat: visual attention alignment."""
+
     lm: float = 1.0
     kd: float = 0.0
     vat: float = 0.0
@@ -78,14 +95,20 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    """epochs may be fractional (0.8 runs 80 % of an epoch's optimizer steps); max_steps, when set,
+    wins. batch_size is per process and micro-batch; global_batch_size, when set, fixes the batch of
+    one optimizer step on any number of processes (grad_accum = global / (batch_size · processes))."""
+
+    epochs: float = 1.0
     max_steps: typing.Optional[int] = None
     batch_size: int = 8
+    global_batch_size: typing.Optional[int] = None
     grad_accum: int = 1
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -106,7 +129,7 @@ class LogConfig:
 
 
 @dataclass
-class Config:
+class StageConfig:
     stage: str = "dft"
     seed: int = 0
     output_dir: str = "runs/dft"
@@ -116,7 +139,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossWeights = field(default_factory=LossWeights)
     kd: KDConfig = field(default_factory=KDConfig)
-    vat: dict = field(default_factory=lambda: {"preset": "paper"})
+    vat: VATConfig = field(default_factory=VATConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -125,6 +148,16 @@ class Config:
     @property
     def needs_teacher(self) -> bool:
         return self.losses.kd > 0 or self.losses.vat > 0 or self.model.taf or self.model.vision_from_teacher
+
+    @property
+    def final_dir(self) -> str:
+        """Where the trained model is written (`python -m compodistill.evaluate --model` reads it)."""
+        return os.path.join(self.output_dir, "final")
+
+    def distill_config(self) -> DistillConfig:
+        """The losses of this stage as the Distiller takes them."""
+        return DistillConfig(weights=dataclasses.asdict(self.losses), kd_kind=self.kd.kind,
+                             temperature=self.kd.temperature, chunk_size=self.kd.chunk_size, vat=self.vat)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,6 +184,11 @@ def _type_ok(value, annotation) -> bool:
 def _build(cls, values, prefix: str):
     if not isinstance(values, dict):
         raise ValueError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    if cls is VATConfig:
+        try:
+            return VATConfig.from_dict(values)
+        except ValueError as err:
+            raise ValueError(str(err) if str(err).startswith("vat") else f"vat: {err}") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -175,13 +213,10 @@ def _choice(key, value, allowed):
         raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
 
 
-def validate(config: Config) -> Config:
+def validate(config: StageConfig) -> StageConfig:
     """Checks that need more than one key, or the value ranges, with errors naming the key."""
-    from compodistill_kernels import BACKENDS
-
-    from .distill import KD_KINDS, VATConfig
-
-    _choice("stage", config.stage, STAGES)
+    if not isinstance(config.stage, str) or not config.stage.strip():
+        raise ValueError(f"stage: expected a non-empty name, got {config.stage!r}")
     if not config.trainable:
         raise ValueError("trainable: expected at least one of " + ", ".join(TRAINABLE_PARTS))
     for part in config.trainable:
@@ -192,8 +227,9 @@ def validate(config: Config) -> Config:
         if value < 0:
             raise ValueError(f"{key}: expected an int >= 0, got {value}")
     for name in ("lm", "kd", "vat"):
-        if getattr(config.losses, name) < 0:
-            raise ValueError(f"losses.{name}: expected a weight >= 0, got {getattr(config.losses, name)}")
+        value = getattr(config.losses, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"losses.{name}: expected a weight >= 0, got {value}")
     if config.losses.lm + config.losses.kd + config.losses.vat <= 0:
         raise ValueError("losses: every weight is 0; nothing would train")
     if config.needs_teacher and config.model.teacher is None:
@@ -203,10 +239,6 @@ def validate(config: Config) -> Config:
     _choice("kd.kind", config.kd.kind, KD_KINDS)
     if not config.kd.temperature > 0:
         raise ValueError(f"kd.temperature: expected > 0, got {config.kd.temperature}")
-    try:
-        VATConfig.from_dict(config.vat)
-    except ValueError as err:
-        raise ValueError(str(err) if str(err).startswith("vat") else f"vat: {err}") from None
     if not config.data.json:
         raise ValueError("data.json: expected the path of a LLaVA JSON/JSONL file")
     if not config.data.image_folder:
@@ -226,19 +258,60 @@ def validate(config: Config) -> Config:
             raise ValueError(f"{key}: expected > 0, got {value}")
     if config.train.max_steps is not None and config.train.max_steps < 1:
         raise ValueError(f"train.max_steps: expected >= 1 or null, got {config.train.max_steps}")
+    global_batch = config.train.global_batch_size
+    if global_batch is not None:
+        if global_batch < 1 or global_batch % config.train.batch_size:
+            raise ValueError(f"train.global_batch_size: expected a multiple of train.batch_size "
+                             f"({config.train.batch_size}), got {global_batch}")
+        if config.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: set either train.global_batch_size (accumulation follows "
+                             "from it) or train.grad_accum, not both")
     if not 0 <= config.optim.warmup_ratio < 1:
         raise ValueError(f"optim.warmup_ratio: expected a fraction in [0, 1), got {config.optim.warmup_ratio}")
+    if not 0 <= config.optim.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio: expected a fraction in [0, 1], got {config.optim.min_lr_ratio}")
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {config.optim.betas}")
     return config
 
 
-def config_from_dict(values: dict) -> Config:
-    return validate(_build(Config, values, ""))
+def grad_accum_steps(config: StageConfig, num_processes: int) -> int:
+    """Micro-batches per optimizer step on `num_processes` processes."""
+    global_batch = config.train.global_batch_size
+    if global_batch is None:
+        return config.train.grad_accum
+    per_step = config.train.batch_size * num_processes
+    if global_batch % per_step:
+        raise ValueError(f"train.global_batch_size: {global_batch} is not a multiple of train.batch_size × "
+                         f"processes = {config.train.batch_size} × {num_processes}")
+    return global_batch // per_step
 
 
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+def config_from_dict(values: dict) -> StageConfig:
+    return validate(_build(StageConfig, values, ""))
+
+
+def config_to_dict(config: StageConfig) -> dict:
+    values = dataclasses.asdict(config)
+    values["vat"] = vat_to_dict(config.vat)
+    return values
+
+
+def vat_to_dict(vat: VATConfig) -> dict:
+    """The shortest mapping that `VATConfig.from_dict` turns back into `vat`: the closest preset and the
+    fields that differ from it (so a saved config still reads as "the paper preset with ...")."""
+    best = None
+    for name, preset in VAT_PRESETS.items():
+        changed = {f.name: getattr(vat, f.name) for f in dataclasses.fields(vat)
+                   if getattr(vat, f.name) != getattr(preset, f.name)}
+        if best is None or len(changed) < len(best) - 1:
+            best = {"preset": name, **changed}
+    return json.loads(json.dumps(best))  # plain lists and dicts, tuples included
+
+
+def evolve(config: StageConfig, **changes) -> StageConfig:
+    """A copy of `config` with typed changes (dataclasses.replace), validated again."""
+    return validate(replace(config, **changes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,7 +371,7 @@ def _looks_numeric(text: str) -> bool:
     return any(ch.isdigit() for ch in text)
 
 
-def load_config(path_or_name: str | None = None, overrides=None, *, base: dict | None = None) -> Config:
+def load_config(path_or_name: str | None = None, overrides=None, *, base: dict | None = None) -> StageConfig:
     """Read a YAML config (or start from `base`), apply overrides and validate."""
     values = dict(base or {})
     if path_or_name is not None:
@@ -325,5 +398,5 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def dump_config(config: Config) -> str:
+def dump_config(config: StageConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -5,9 +5,11 @@ and the schedule. `accelerate` runs it on one process or many (DDP, FSDP, DeepSp
 `accelerate launch`); the teacher is frozen, in eval mode, moved to each device and never passed to
 `prepare`, so checkpoints do not carry it.
 
-Checkpoints (`<output_dir>/checkpoints/step-NNNNNN`) are written to a temporary folder and renamed when
-complete; `--resume` continues from the newest complete one, mid-epoch included (seedable sampling, so
-the resumed loss curve equals an uninterrupted one). SIGINT/SIGTERM save a checkpoint before exiting.
+Checkpoints (`<output_dir>/checkpoints/step-NNNNNN`, see `checkpoints`) are written to a temporary
+folder and renamed when complete; `resume=True` continues from the newest good one, mid-epoch
+included: the model, optimizer, schedule, data order (seedable sampling) and every random state are
+restored, so the resumed loss curve equals an uninterrupted one bit for bit on the CPU. SIGINT/SIGTERM
+save a checkpoint before the run returns.
 """
 from __future__ import annotations
 
@@ -21,47 +23,53 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, config_to_dict, dump_config
-from .distill import DistillConfig, Distiller
-from .models import MLLM, apply_taf, enable_gradient_checkpointing, load_mllm
-from .models import parts
-from .models.mllm import TAFProjector
-
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-STATE_FILE = "trainer_state.json"
+from ..distill import Distiller
+from ..models import MLLM, apply_taf, enable_gradient_checkpointing, load_mllm, parts
+from ..models.mllm import TAFProjector
+from . import checkpoints
+from .config import StageConfig, config_to_dict, dump_config, grad_accum_steps
+from .metrics import append_metrics, plot_losses, truncate_metrics
 
 
-def lr_lambda(scheduler: str, warmup: int, total: int):
-    """LR multiplier per optimizer step: linear warmup, then cosine / linear decay to 0, or constant."""
+@dataclass
+class StageResult:
+    """What a stage run ended with. status: "finished" (final model written), "skipped" (found
+    finished on disk by a plan run) or "interrupted" (a signal; `checkpoint` holds the state)."""
+
+    name: str
+    status: str
+    output_dir: str
+    step: int = 0
+    final: str | None = None
+    checkpoint: str | None = None
+    metrics: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("finished", "skipped")
+
+
+def lr_lambda(scheduler: str, warmup: int, total: int, min_ratio: float = 0.0):
+    """LR multiplier per optimizer step: linear warmup, then cosine / linear decay to `min_ratio`, or
+    constant."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if scheduler == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * shape
     return factor
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder. Temporary (partial) folders never match the name
-    pattern, and a folder without its state file is ignored."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    found = []
-    for name in os.listdir(root):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(root, name, STATE_FILE)):
-            found.append((int(match.group(1)), name))
-    return os.path.join(root, max(found)[1]) if found else None
-
-
-def _param_groups(model, trainable) -> dict:
+def param_groups(model, trainable) -> dict:
     """Parameters of each named part of a (possibly peft-wrapped) LLaVA."""
     base = parts.base_model(model)
     projector = parts.projector(base)
@@ -77,16 +85,29 @@ def _param_groups(model, trainable) -> dict:
 
 
 class Recipe:
-    """Train one stage. `Recipe(config).run()` returns a summary dict."""
+    """Train one stage. `Recipe(config).run()` returns a `StageResult`."""
 
-    def __init__(self, config: Config, *, resume: bool = False, progress: bool = True):
+    def __init__(self, config: StageConfig, *, resume: bool = False, progress: bool = True):
         self.config = config
         self.resume = resume
         self.progress = progress
         self.stop_signal = None
+        self._rng_to_restore = None
 
     # ------------------------------------------------------------------------------------------
-    def setup(self):
+    def setup(self) -> "Recipe":
+        self._setup_accelerator()
+        self._setup_models()
+        self._setup_trainable()
+        self._setup_distiller()
+        self._setup_data()
+        self._setup_optimizer()
+        self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
+        if self.resume:
+            self._resume()
+        return self
+
+    def _setup_accelerator(self):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -98,20 +119,27 @@ class Recipe:
         if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is not None:
             trackers.append("tensorboard")
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed, log_with=trackers or None,
-            project_dir=cfg.output_dir,
+            mixed_precision=mixed, log_with=trackers or None, project_dir=cfg.output_dir,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
+        # the number of processes is known once the accelerator has joined them
+        self.grad_accum = grad_accum_steps(cfg, self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = self.grad_accum
         set_seed(cfg.seed)
-        acc = self.accelerator
 
+    def _setup_models(self):
+        cfg = self.config
         self.student = load_mllm(cfg.model.path, seed=cfg.model.seed)
         self.teacher = load_mllm(cfg.model.teacher) if cfg.needs_teacher else None
-        if self.teacher is not None:
-            if cfg.model.vision_from_teacher:
-                parts.vision_tower(self.student).load_state_dict(parts.vision_tower(self.teacher).state_dict())
-            if cfg.model.taf and not isinstance(parts.projector(self.student), TAFProjector):
-                apply_taf(self.student, self.teacher, seed=cfg.model.seed)
+        if self.teacher is None:
+            return
+        if cfg.model.vision_from_teacher:
+            parts.vision_tower(self.student).load_state_dict(parts.vision_tower(self.teacher).state_dict())
+        if cfg.model.taf and not isinstance(parts.projector(self.student), TAFProjector):
+            apply_taf(self.student, self.teacher, seed=cfg.model.seed)
+
+    def _setup_trainable(self):
+        cfg = self.config
         model = self.student.model
         model.requires_grad_(False)
         if "lora" in cfg.trainable:
@@ -124,8 +152,7 @@ class Recipe:
         if "post_projector" in cfg.trainable and not isinstance(parts.projector(self.student), TAFProjector):
             raise ValueError("trainable: 'post_projector' needs a TAF projector (model.taf: true with a teacher, "
                              "or a checkpoint trained with TAF); use 'projector' otherwise")
-        self.groups = _param_groups(model, cfg.trainable)
-        for params in self.groups.values():
+        for params in param_groups(model, cfg.trainable).values():
             for p in params:
                 p.requires_grad_(True)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -134,27 +161,33 @@ class Recipe:
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(parts.unwrap_peft(model))
         model.train()
+        self.model = model
 
-        distill = DistillConfig(weights={"lm": cfg.losses.lm, "kd": cfg.losses.kd, "vat": cfg.losses.vat},
-                                kd_kind=cfg.kd.kind, temperature=cfg.kd.temperature,
-                                chunk_size=cfg.kd.chunk_size, vat=cfg.vat)
+    def _setup_distiller(self):
+        cfg, acc = self.config, self.accelerator
+        distill = cfg.distill_config()
         teacher_model = None
         if self.teacher is not None and distill.needs_teacher:
             teacher_model = self.teacher.model.to(acc.device)
-            if mixed == "bf16":
+            if acc.mixed_precision == "bf16":
                 teacher_model.to(torch.bfloat16)
-        self.distiller = Distiller(model, teacher_model, distill, backend=cfg.train.attention_backend)
+        self.distiller = Distiller(self.model, teacher_model, distill, backend=cfg.train.attention_backend)
 
-        from .data.llava import LlavaDataset, build_collator
+    def _setup_data(self):
+        from ..data.llava import LlavaDataset, build_collator
 
+        cfg, acc = self.config, self.accelerator
         with acc.main_process_first():
             self.dataset = LlavaDataset(cfg.data.json, cfg.data.image_folder, self.student,
                                         max_length=cfg.data.max_length, on_bad_sample=cfg.data.on_bad_sample)
-        loader = torch.utils.data.DataLoader(
+        self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
             collate_fn=build_collator(self.student, cfg.data.padding_side), drop_last=False)
-        per_epoch = math.ceil(len(loader) / max(1, acc.num_processes) / cfg.train.grad_accum)
-        self.total_steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
+
+    def _setup_optimizer(self):
+        cfg, acc = self.config, self.accelerator
+        per_epoch = math.ceil(len(self.loader) / max(1, acc.num_processes) / self.grad_accum)
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(per_epoch * cfg.train.epochs))
         self.epochs = math.ceil(self.total_steps / max(1, per_epoch))
         decay = [p for p in self.trainable if p.ndim >= 2]
         no_decay = [p for p in self.trainable if p.ndim < 2]
@@ -162,29 +195,27 @@ class Recipe:
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
         warmup = int(cfg.optim.warmup_ratio * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.scheduler, warmup, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.scheduler, warmup, self.total_steps, cfg.optim.min_lr_ratio))
         self.distiller, self.optimizer, self.loader, self.scheduler = acc.prepare(
-            self.distiller, optimizer, loader, scheduler)
-        self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
-        if self.resume:
-            self._load_latest()
-        return self
+            self.distiller, optimizer, self.loader, scheduler)
 
     # ------------------------------------------------------------------------------------------
     def summary(self) -> str:
         cfg, acc = self.config, self.accelerator
-        s_cfg = self.student.model.config
+        text = parts.text_config(self.student)
         n_train = sum(p.numel() for p in self.trainable)
         n_total = sum(p.numel() for p in self.distiller.parameters())
         lines = [
             f"stage {cfg.stage} → {cfg.output_dir}",
-            f"student: {cfg.model.path} ({s_cfg.text_config.num_hidden_layers} layers × "
-            f"{s_cfg.text_config.hidden_size}, {self.student.num_image_tokens} image tokens)",
+            f"student: {cfg.model.path} ({text.num_hidden_layers} layers × {text.hidden_size}, "
+            f"{self.student.num_image_tokens} image tokens)",
             f"teacher: {cfg.model.teacher if self.teacher is not None else 'none'}",
-            f"trainable: {', '.join(cfg.trainable)}: {n_train:,} of {n_total:,} parameters ({100 * n_train / max(1, n_total):.2f}%)",
+            f"trainable: {', '.join(cfg.trainable)}: {n_train:,} of {n_total:,} parameters "
+            f"({100 * n_train / max(1, n_total):.2f}%)",
             f"data: {cfg.data.json}: {self.dataset.report}",
-            f"steps: {self.total_steps} × global batch {cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum} "
-            f"({acc.num_processes} process(es) × {cfg.train.batch_size} × accumulation {cfg.train.grad_accum}); "
+            f"steps: {self.total_steps} × global batch {cfg.train.batch_size * acc.num_processes * self.grad_accum} "
+            f"({acc.num_processes} process(es) × {cfg.train.batch_size} × accumulation {self.grad_accum}); "
             f"lr {cfg.optim.lr:g} {cfg.optim.scheduler}, warmup {cfg.optim.warmup_ratio:g}; "
             f"mixed precision {acc.mixed_precision}; device {acc.device}",
             self.accelerator.unwrap_model(self.distiller).describe(),
@@ -208,8 +239,9 @@ class Recipe:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def train(self) -> dict:
+    def train(self) -> StageResult:
         cfg, acc = self.config, self.accelerator
+        started_run = time.time()
         os.makedirs(cfg.output_dir, exist_ok=True)
         if acc.is_main_process:
             with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -229,6 +261,11 @@ class Recipe:
                 batches = acc.skip_first_batches(self.loader, self.batches_in_epoch) if self.batches_in_epoch \
                     else self.loader
                 for batch in batches:
+                    if self._rng_to_restore is not None:
+                        # Creating the batch iterator draws from the global generator (its base seed), which
+                        # the uninterrupted run did before the checkpoint: restore the saved state after it.
+                        checkpoints.restore_rng_state(self._rng_to_restore)
+                        self._rng_to_restore = None
                     with acc.accumulate(self.distiller):
                         losses = self._loss_step(batch)
                         acc.backward(losses["loss"])
@@ -263,17 +300,18 @@ class Recipe:
                     self.epoch += 1
                     self.batches_in_epoch = 0
         bar.close()
+        result = StageResult(cfg.stage, status, cfg.output_dir, step=self.step, metrics=metrics_path)
         if status == "interrupted":
-            path = self.save_checkpoint()
-            acc.print(f"interrupted by signal {self.stop_signal} at step {self.step}: checkpoint saved to {path}; "
-                      f"run again with --resume to continue")
-            acc.end_training()
-            return {"status": status, "step": self.step, "checkpoint": path}
-        final = self.save_final()
-        if acc.is_main_process and cfg.log.plot:
-            plot_losses(metrics_path, os.path.join(cfg.output_dir, "loss_curve.png"), title=cfg.stage)
+            result.checkpoint = self.save_checkpoint()
+            acc.print(f"interrupted by signal {self.stop_signal} at step {self.step}: checkpoint saved to "
+                      f"{result.checkpoint}; run again with --resume to continue")
+        else:
+            result.final = self.save_final()
+            if acc.is_main_process and cfg.log.plot:
+                plot_losses(metrics_path, os.path.join(cfg.output_dir, "loss_curve.png"), title=cfg.stage)
         acc.end_training()
-        return {"status": status, "step": self.step, "final": final, "metrics": metrics_path}
+        result.seconds = time.time() - started_run
+        return result
 
     def _loss_step(self, batch) -> dict:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
@@ -292,69 +330,67 @@ class Recipe:
         if not all(math.isfinite(record[n]) for n in names):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {record}")
         if acc.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
         acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
         return record
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Write the accelerate state and the trainer state to a temporary folder, then rename it."""
+        """Write the accelerate state, every random state and the trainer state into a temporary folder,
+        the manifest last, then rename the folder."""
         acc, cfg = self.accelerator, self.config
-        root = os.path.join(cfg.output_dir, "checkpoints")
-        final = os.path.join(root, f"step-{self.step:06d}")
-        tmp = os.path.join(root, f".tmp-step-{self.step:06d}")
+        final = checkpoints.checkpoint_dir(cfg.output_dir, self.step)
+        root = os.path.dirname(final)
+        tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
         if acc.is_main_process:
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(tmp)
+        checkpoints.save_rng_state(tmp, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(dump_config(cfg))
             state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                      "total_steps": self.total_steps, "num_processes": acc.num_processes}
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            with open(os.path.join(tmp, checkpoints.STATE_FILE), "w") as f:
                 json.dump(state, f)
+            checkpoints.write_manifest(tmp, state)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self._prune(root)
+            self._prune()
         acc.wait_for_everyone()
         return final
 
-    def _prune(self, root):
-        complete = sorted(n for n in os.listdir(root) if CHECKPOINT_PATTERN.match(n))
-        for name in complete[:-self.config.checkpoint.keep]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    def _prune(self):
+        for folder in checkpoints.checkpoint_folders(self.config.output_dir)[self.config.checkpoint.keep:]:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _load_latest(self):
-        path = latest_checkpoint(self.config.output_dir)
+    def _resume(self):
+        acc = self.accelerator
+        path = checkpoints.latest_checkpoint(self.config.output_dir)
         if path is None:
-            self.accelerator.print(f"--resume: no complete checkpoint in {self.config.output_dir}; starting fresh")
+            acc.print(f"--resume: no checkpoint in {self.config.output_dir}; starting fresh")
             self.resume = False
             return
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        if state["num_processes"] != self.accelerator.num_processes:
+        state = checkpoints.read_state(path)
+        if state["num_processes"] != acc.num_processes:
             raise ValueError(f"--resume: {path} was written by {state['num_processes']} process(es), "
-                             f"this run has {self.accelerator.num_processes}")
-        self.accelerator.load_state(path)
+                             f"this run has {acc.num_processes}")
+        acc.load_state(path)
+        self._rng_to_restore = checkpoints.load_rng_state(path, acc.process_index)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        self.accelerator.print(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
-        metrics = os.path.join(self.config.output_dir, "metrics.jsonl")
-        if self.accelerator.is_main_process and os.path.exists(metrics):
-            # Drop records logged after the checkpoint: the resumed run logs those steps again.
-            with open(metrics) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= self.step]
-            with open(metrics, "w") as f:
-                f.writelines(kept)
+        acc.print(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
+        if acc.is_main_process:
+            # records logged after the checkpoint are logged again by the resumed run
+            truncate_metrics(os.path.join(self.config.output_dir, "metrics.jsonl"), self.step)
 
     def save_final(self) -> str:
         """The trained student in Hugging Face format (LoRA merged), with tokenizer and processor."""
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
-        path = os.path.join(cfg.output_dir, "final")
+        path = cfg.final_dir
         model = acc.unwrap_model(self.distiller).student
         if acc.is_main_process:
             if hasattr(model, "merge_and_unload"):
@@ -371,7 +407,7 @@ class Recipe:
         acc.wait_for_everyone()
         return path
 
-    def run(self) -> dict:
+    def run(self) -> StageResult:
         self.setup()
         self.accelerator.print(self.summary())
         return self.train()
@@ -386,33 +422,3 @@ def _flat(values: dict, prefix: str = "") -> dict:
         else:
             out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_losses(metrics_path: str, png_path: str, title: str = ""):
-    """Loss components against the optimizer step, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.exists(metrics_path):
-        return None
-    records = read_metrics(metrics_path)
-    if not records:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in ("loss", "lm", "kd", "vat"):
-        if name in records[0]:
-            ax.plot([r["step"] for r in records], [r[name] for r in records], label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
