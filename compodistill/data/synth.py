@@ -1,8 +1,11 @@
 """The procedural compositional-reasoning benchmark: scene graphs rendered with Pillow, LLaVA-style
 training data and SugarCrepe-style / VQA / relational-hallucination test sets, all derived from the
-graphs (see `compodistill.data.scenes`), so the ground truth is correct by construction.
+graphs, so the ground truth is correct by construction.
 
     python -m compodistill.data.synth --out DIR [--size tiny|small|default] [--seed S] [--compositional]
+
+`generate` runs the pipeline as named steps: sample the splits, render the images, write the scene
+graphs, derive the LLaVA training sets, then the CR, VQA and hallucination test sets, then the summary.
 
 Layout written under DIR (image paths in JSON are relative to DIR/images):
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -34,87 +36,24 @@ import time
 from tqdm import tqdm
 
 from .benchmarks import TWO_CHOICE_PROMPT, short_answer_prompt
-from .scenes import (BACKGROUND, CAPTION_REQUESTS, CR_SUBSETS, HALLUCINATION_CATEGORIES, PALETTE,
-                     QUESTION_CATEGORIES, SHAPES, Scene, answers, caption_statements, caption_text,
-                     conversation_turns, cr_pair, evaluate, hallucination_pair, held_out_combos,
-                     make_query, make_vocabulary, mentioned_combos, parse_caption, parse_question, parse_statement,
-                     question_text, sample_scene, statement_text)
+from .negatives import CR_SUBSETS, HALLUCINATION_CATEGORIES, cr_pair, hallucination_pair
+from .questions import (QUESTION_CATEGORIES, answers, conversation_turns, make_query, mentioned_combos,
+                        parse_question, question_text)
+from .render import render
+from .scene_graph import PALETTE, SHAPES, Vocabulary, held_out_combos, make_vocabulary, sample_scene
+from .statements import (CAPTION_REQUESTS, caption_statements, caption_text, evaluate, parse_caption,
+                         parse_statement, statement_text)
 
 GENERATOR_VERSION = 3
 SIZE_PRESETS = {"tiny": (64, 32), "small": (2000, 500), "default": (20000, 2000)}
 # Files and folders this generator owns; --overwrite removes exactly these.
 LAYOUT = ("images", "scenes", "cr", "vqa", "hallucination", "comp", "llava_pretrain.json",
           "llava_instruct.json", "summary.json")
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for anti-aliased edges
 MIN_CELL_PIXELS = 8
 
 
 # --------------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------------
-
-def _regular_polygon(cx, cy, r, n, start_deg=-90.0, radii=None):
-    radii = radii or [r]
-    return [(cx + radii[k % len(radii)] * math.cos(math.radians(start_deg + 360.0 * k / n)),
-             cy + radii[k % len(radii)] * math.sin(math.radians(start_deg + 360.0 * k / n))) for k in range(n)]
-
-
-def _heart(cx, cy, r, steps=48):
-    # x = 16 sin³t, y = 13 cos t − 5 cos 2t − 2 cos 3t − cos 4t spans about ±17 units.
-    scale = r / 17.0
-    points = []
-    for k in range(steps):
-        t = 2 * math.pi * k / steps
-        x = 16 * math.sin(t) ** 3
-        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
-        points.append((cx + scale * x, cy - scale * (y + 2.5)))
-    return points
-
-
-def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, background=BACKGROUND) -> None:
-    """Draw one filled shape of radius r centred at (cx, cy) on a PIL ImageDraw."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        inner = 0.55 * r
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=background)
-    elif shape == "square":
-        half = 0.82 * r  # equal-ish area to the circle without leaving the cell
-        draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
-    elif shape == "triangle":
-        draw.polygon(_regular_polygon(cx, cy + 0.15 * r, 1.1 * r, 3), fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
-    elif shape == "star":
-        draw.polygon(_regular_polygon(cx, cy + 0.08 * r, 1.05 * r, 10, radii=[1.05 * r, 0.45 * r]), fill=fill)
-    elif shape == "cross":
-        t = 0.34 * r
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-    elif shape == "hexagon":
-        draw.polygon(_regular_polygon(cx, cy, r, 6, start_deg=0.0), fill=fill)
-    elif shape == "heart":
-        draw.polygon(_heart(cx, cy, 1.1 * r), fill=fill)
-    else:
-        raise ValueError(f"shape: expected one of {SHAPES}, got {shape!r}")
-
-
-def render(scene: Scene):
-    """The scene as a PIL RGB image (image_size × image_size): filled shapes on a plain grey background."""
-    from PIL import Image, ImageDraw
-
-    size = scene.image_size * SUPERSAMPLE
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        x, y, r = (v * SUPERSAMPLE for v in scene.geometry(obj))
-        draw_shape(draw, obj.shape, x, y, r, PALETTE[obj.color])
-    return image.reduce(SUPERSAMPLE)
-
-
-# --------------------------------------------------------------------------------------------------
-# Generation
+# Pipeline steps
 # --------------------------------------------------------------------------------------------------
 
 def _check_int(name, value, minimum):
@@ -138,8 +77,9 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     os.makedirs(out_dir, exist_ok=True)
 
 
-def _sample_split(split, count, seed, vocab, seen, *, combos, require, grid, image_size, max_objects):
-    """`count` scenes whose graphs are new (not in `seen`, which is updated)."""
+def sample_split(split: str, count: int, seed: int, vocab: Vocabulary, seen: set, *, combos, require, grid: int,
+                 image_size: int, max_objects: int) -> list:
+    """`count` scenes of `split` whose graphs are new (not in `seen`, which is updated)."""
     rng = random.Random(f"compodistill-synth:{seed}:{split}")
     scenes, failures = [], 0
     while len(scenes) < count:
@@ -154,6 +94,35 @@ def _sample_split(split, count, seed, vocab, seen, *, combos, require, grid, ima
         seen.add(scene.key())
         scenes.append(scene)
     return scenes
+
+
+def write_images(out_dir: str, splits: dict) -> int:
+    """Render every scene of every split to images/<id>.png; returns the number of images."""
+    scenes = [s for split in splits.values() for s in split]
+    os.makedirs(os.path.join(out_dir, "images"))
+    for scene in tqdm(scenes, desc="rendering", unit="img", disable=None):
+        render(scene).save(os.path.join(out_dir, "images", scene.image), format="PNG")
+    return len(scenes)
+
+
+def write_scene_graphs(out_dir: str, splits: dict) -> dict:
+    """scenes/<split>.jsonl for every split; returns {file: number of scenes}."""
+    for split, scenes in splits.items():
+        _write_jsonl(os.path.join(out_dir, "scenes", f"{split}.jsonl"), [s.to_dict() for s in scenes])
+    return {f"scenes/{split}.jsonl": len(scenes) for split, scenes in splits.items()}
+
+
+def write_cr_sets(out_dir: str, prefix: str, sets: dict) -> dict:
+    """<prefix>cr/<subset>.json for every subset; returns {file: number of items}."""
+    for subset, items in sets.items():
+        _write_json(os.path.join(out_dir, f"{prefix}cr", f"{subset}.json"), items)
+    return {f"{prefix}cr/{subset}.json": len(items) for subset, items in sets.items()}
+
+
+def write_llava_sets(out_dir: str, pretrain: list, instruct: list) -> None:
+    """llava_pretrain.json (LLaVA-558K records) and llava_instruct.json (LLaVA-665K records)."""
+    _write_json(os.path.join(out_dir, "llava_pretrain.json"), pretrain)
+    _write_json(os.path.join(out_dir, "llava_instruct.json"), instruct)
 
 
 def _write_json(path, data):
@@ -174,7 +143,31 @@ def _text_rng(seed, scene, purpose):
     return random.Random(f"compodistill-synth:{seed}:{scene.id}:{purpose}")
 
 
-def _cr_sets(scenes, seed, vocab, focus_of):
+def _conversation(scene, turns) -> dict:
+    """A LLaVA record: (question, reply) turns, the image placeholder before the first question."""
+    conversation = []
+    for k, (question, reply) in enumerate(turns):
+        conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                         {"from": "gpt", "value": reply}]
+    return {"id": scene.id, "image": scene.image, "conversations": conversation}
+
+
+def sample_splits(seed: int, vocab: Vocabulary, held: list, *, num_train: int, num_test: int, compositional: bool,
+                  grid: int, image_size: int, max_objects: int) -> dict:
+    """{"train", "test"[, "comp"]: scenes}: train and test avoid the held-out pairs, every comp scene has
+    one; no graph repeats within or across splits."""
+    seen: set = set()
+    train_combos = [c for c in vocab.combos() if c not in held]
+    common = dict(grid=grid, image_size=image_size, max_objects=max_objects)
+    splits = {"train": sample_split("train", num_train, seed, vocab, seen, combos=train_combos, require=None, **common),
+              "test": sample_split("test", num_test, seed, vocab, seen, combos=train_combos, require=None, **common)}
+    if compositional:
+        splits["comp"] = sample_split("comp", num_test, seed, vocab, seen, combos=None, require=held, **common)
+    _check_splits(splits, held)
+    return splits
+
+
+def cr_sets(scenes, seed, vocab, focus_of) -> dict:
     """{subset: {item_id: {"filename", "caption", "negative_caption"}}}; texts re-checked after parsing."""
     sets = {subset: {} for subset in CR_SUBSETS}
     for scene in scenes:
@@ -183,14 +176,16 @@ def _cr_sets(scenes, seed, vocab, focus_of):
             if made is None:
                 continue
             caption, negative = statement_text(made[0]), statement_text(made[1])
-            if evaluate(scene, parse_statement(caption)) is not True or evaluate(scene, parse_statement(negative)) is not False:
+            if (evaluate(scene, parse_statement(caption)) is not True
+                    or evaluate(scene, parse_statement(negative)) is not False):
                 raise RuntimeError(f"{scene.id} {subset}: texts do not round-trip: {caption!r} / {negative!r}")
             sets[subset][f"{scene.id}-{subset}"] = {"filename": scene.image, "caption": caption,
                                                     "negative_caption": negative}
     return sets
 
 
-def _vqa_set(scenes, seed, vocab, focus_of):
+def vqa_set(scenes, seed, vocab, focus_of) -> tuple[list, list]:
+    """(questions, answers) rows: one question per scene and category, answers re-checked after parsing."""
     questions, answer_rows = [], []
     for scene in scenes:
         for category in QUESTION_CATEGORIES:
@@ -206,7 +201,8 @@ def _vqa_set(scenes, seed, vocab, focus_of):
     return questions, answer_rows
 
 
-def _hallucination_set(scenes, seed, vocab):
+def hallucination_set(scenes, seed, vocab) -> list:
+    """Rows of yes/no questions, a yes and a no per scene and category, in random order."""
     rows = []
     for scene in scenes:
         for category in HALLUCINATION_CATEGORIES:
@@ -238,15 +234,16 @@ def _two_choice_turn(scene, rng, vocab, avoid):
     return TWO_CHOICE_PROMPT.format(first=negative, second=caption), "B"
 
 
-def _llava_sets(scenes, seed, vocab, avoid):
+def llava_sets(scenes, seed, vocab, avoid) -> tuple[list, list, int]:
+    """(pretrain records, instruct records, number of QA turns) for the train scenes: a caption each for
+    pretraining, 3-5 short-answer turns and a multiple-choice turn each for instruction tuning."""
     pretrain, instruct, turns = [], [], 0
     for scene in scenes:
         rng = _text_rng(seed, scene, "caption")
         request, caption = rng.choice(CAPTION_REQUESTS), caption_text(caption_statements(scene, rng))
         if not all(evaluate(scene, s) for s in parse_caption(caption)):
             raise RuntimeError(f"{scene.id}: caption does not round-trip: {caption!r}")
-        pretrain.append({"id": scene.id, "image": scene.image, "conversations": [
-            {"from": "human", "value": f"<image>\n{request}"}, {"from": "gpt", "value": caption}]})
+        pretrain.append(_conversation(scene, [(request, caption)]))
         rng = _text_rng(seed, scene, "instruct")
         qa = conversation_turns(scene, rng, vocab, rng.randint(3, 5), avoid)
         choice = _two_choice_turn(scene, _text_rng(seed, scene, "two-choice"), vocab, avoid)
@@ -254,12 +251,8 @@ def _llava_sets(scenes, seed, vocab, avoid):
             qa.insert(rng.randrange(len(qa) + 1), choice)
         # Short-answer questions carry LLaVA's instruction, as in LLaVA-665K and at VQA evaluation.
         qa = [(q if q.startswith("Which caption") else short_answer_prompt(q), a) for q, a in qa]
-        conversation = []
-        for k, (question, reply) in enumerate(qa):
-            conversation += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                             {"from": "gpt", "value": reply}]
-        if conversation:
-            instruct.append({"id": scene.id, "image": scene.image, "conversations": conversation})
+        if qa:
+            instruct.append(_conversation(scene, qa))
             turns += len(qa)
     return pretrain, instruct, turns
 
@@ -268,30 +261,7 @@ def _by_category(rows):
     return {"total": len(rows), **{c: sum(r["category"] == c for r in rows) for c in QUESTION_CATEGORIES}}
 
 
-def generate(out_dir: str, *, seed: int = 0, size: str = "default", num_train: int | None = None,
-             num_test: int | None = None, image_size: int = 64, grid: int = 4, max_objects: int = 3,
-             colors=None, shapes=None, compositional: bool = False, overwrite: bool = False) -> dict:
-    """Generate the benchmark into `out_dir` and return its summary (also written to summary.json).
-
-    Args:
-        out_dir: output folder; must be empty or absent unless `overwrite`.
-        seed: every random choice derives from it; the same arguments give byte-identical files.
-        size: scene-count preset, "tiny" (64 train / 32 test), "small" (2,000 / 500) or "default"
-            (20,000 / 2,000); `num_train` / `num_test` override it.
-        image_size: image side in pixels, a multiple of `grid` with cells of at least 8 px.
-        grid: the board is grid×grid cells, one object per cell at most (4: 16 px cells at 64 px,
-            one vision-tower patch each for the tiny presets).
-        max_objects: 2..min(grid², 10) objects per scene.
-        colors, shapes: lists restricting the vocabulary (defaults: scenes.DEFAULT_COLORS / DEFAULT_SHAPES).
-        compositional: hold out ~20% of the (colour, shape) pairs (chosen from the seed) from the train
-            and test scenes and write a "comp" split (num_test scenes, each with at least one held-out
-            pair) with its own comp/cr and comp/vqa sets. Training texts never name a held-out pair
-            (not even in a question whose answer is "No").
-        overwrite: remove the generator's own files in `out_dir` first (other files are left alone).
-
-    Returns:
-        The summary dict: seed, arguments, vocabulary, held-out pairs and counts per file and subset.
-    """
+def _check_benchmark_arguments(*, size, num_train, num_test, seed, grid, image_size, max_objects):
     if size not in SIZE_PRESETS:
         raise ValueError(f"size: expected one of {list(SIZE_PRESETS)}, got {size!r}")
     num_train = SIZE_PRESETS[size][0] if num_train is None else num_train
@@ -308,68 +278,84 @@ def generate(out_dir: str, *, seed: int = 0, size: str = "default", num_train: i
         raise ValueError(f"image_size: cells of {image_size // grid} px are too small to draw shapes in; "
                          f"expected image_size >= {MIN_CELL_PIXELS} * grid = {MIN_CELL_PIXELS * grid}")
     if max_objects > min(grid * grid, 10):
-        raise ValueError(f"max_objects: expected at most min(grid*grid, 10) = {min(grid * grid, 10)}, got {max_objects}")
+        raise ValueError(f"max_objects: expected at most min(grid*grid, 10) = {min(grid * grid, 10)}, "
+                         f"got {max_objects}")
+    return num_train, num_test
+
+
+def generate(out_dir: str, *, seed: int = 0, size: str = "default", num_train: int | None = None,
+             num_test: int | None = None, image_size: int = 64, grid: int = 4, max_objects: int = 3,
+             colors=None, shapes=None, compositional: bool = False, overwrite: bool = False) -> dict:
+    """Generate the benchmark into `out_dir` and return its summary (also written to summary.json).
+
+    Args:
+        out_dir: output folder; must be empty or absent unless `overwrite`.
+        seed: every random choice derives from it; the same arguments give byte-identical files.
+        size: scene-count preset, "tiny" (64 train / 32 test), "small" (2,000 / 500) or "default"
+            (20,000 / 2,000); `num_train` / `num_test` override it.
+        image_size: image side in pixels, a multiple of `grid` with cells of at least 8 px.
+        grid: the board is grid×grid cells, one object per cell at most (4: 16 px cells at 64 px,
+            one vision-tower patch each for the tiny presets).
+        max_objects: 2..min(grid², 10) objects per scene.
+        colors, shapes: lists restricting the vocabulary (defaults: scene_graph.DEFAULT_COLORS / DEFAULT_SHAPES).
+        compositional: hold out ~20% of the (colour, shape) pairs (chosen from the seed) from the train
+            and test scenes and write a "comp" split (num_test scenes, each with at least one held-out
+            pair) with its own comp/cr and comp/vqa sets. Training texts never name a held-out pair
+            (not even in a question whose answer is "No").
+        overwrite: remove the generator's own files in `out_dir` first (other files are left alone).
+
+    Returns:
+        The summary dict: seed, arguments, vocabulary, held-out pairs and counts per file and subset.
+    """
+    num_train, num_test = _check_benchmark_arguments(size=size, num_train=num_train, num_test=num_test, seed=seed,
+                                                     grid=grid, image_size=image_size, max_objects=max_objects)
     vocab = make_vocabulary(colors, shapes)
     held = held_out_combos(vocab, seed) if compositional else []
-    train_combos = [c for c in vocab.combos() if c not in held]
     _prepare_out_dir(out_dir, overwrite)
 
-    seen: set = set()
-    common = dict(grid=grid, image_size=image_size, max_objects=max_objects)
-    splits = {"train": _sample_split("train", num_train, seed, vocab, seen, combos=train_combos, require=None, **common),
-              "test": _sample_split("test", num_test, seed, vocab, seen, combos=train_combos, require=None, **common)}
-    if compositional:
-        splits["comp"] = _sample_split("comp", num_test, seed, vocab, seen, combos=None, require=held, **common)
-    _check_splits(splits, held)
+    splits = sample_splits(seed, vocab, held, num_train=num_train, num_test=num_test, compositional=compositional,
+                           grid=grid, image_size=image_size, max_objects=max_objects)
+    counts = {"images": write_images(out_dir, splits)}
+    counts.update(write_scene_graphs(out_dir, splits))
 
-    all_scenes = [s for scenes in splits.values() for s in scenes]
-    os.makedirs(os.path.join(out_dir, "images"))
-    for scene in tqdm(all_scenes, desc="rendering", unit="img", disable=None):
-        render(scene).save(os.path.join(out_dir, "images", scene.image), format="PNG")
-    for split, scenes in splits.items():
-        _write_jsonl(os.path.join(out_dir, "scenes", f"{split}.jsonl"), [s.to_dict() for s in scenes])
+    pretrain, instruct, turns = llava_sets(splits["train"], seed, vocab, frozenset(held))
+    write_llava_sets(out_dir, pretrain, instruct)
+    counts["llava_pretrain.json"] = len(pretrain)
+    counts["llava_instruct.json"] = {"conversations": len(instruct), "qa_turns": turns}
 
-    counts = {"images": len(all_scenes)}
-    counts.update({f"scenes/{split}.jsonl": len(scenes) for split, scenes in splits.items()})
     held_set = set(held)
     no_focus = lambda scene: None  # noqa: E731
     held_focus = lambda scene: [i for i, o in enumerate(scene.objects) if (o.color, o.shape) in held_set]  # noqa: E731
     jobs = [("", splits["test"], no_focus)] + ([("comp/", splits["comp"], held_focus)] if compositional else [])
-    with tqdm(total=len(all_scenes) + len(splits["test"]), desc="deriving texts", unit="scene", disable=None) as bar:
-        pretrain, instruct, turns = _llava_sets(splits["train"], seed, vocab, frozenset(held))
-        _write_json(os.path.join(out_dir, "llava_pretrain.json"), pretrain)
-        _write_json(os.path.join(out_dir, "llava_instruct.json"), instruct)
-        counts["llava_pretrain.json"] = len(pretrain)
-        counts["llava_instruct.json"] = {"conversations": len(instruct), "qa_turns": turns}
-        bar.update(len(splits["train"]))
-        for prefix, scenes, focus_of in jobs:
-            for subset, items in _cr_sets(scenes, seed, vocab, focus_of).items():
-                _write_json(os.path.join(out_dir, f"{prefix}cr", f"{subset}.json"), items)
-                counts[f"{prefix}cr/{subset}.json"] = len(items)
-            questions, answer_rows = _vqa_set(scenes, seed, vocab, focus_of)
-            _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "questions.jsonl"), questions)
-            _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "answers.jsonl"), answer_rows)
-            counts[f"{prefix}vqa/questions.jsonl"] = _by_category(questions)
-            counts[f"{prefix}vqa/answers.jsonl"] = len(answer_rows)
-            bar.update(len(scenes))
-        rows = _hallucination_set(splits["test"], seed, vocab)
-        _write_jsonl(os.path.join(out_dir, "hallucination", "questions.jsonl"), rows)
-        counts["hallucination/questions.jsonl"] = {"total": len(rows), **{
-            c: {label: sum(r["category"] == c and r["label"] == label for r in rows) for label in ("yes", "no")}
-            for c in HALLUCINATION_CATEGORIES}}
-        bar.update(len(splits["test"]))
+    for prefix, scenes, focus_of in jobs:
+        counts.update(write_cr_sets(out_dir, prefix, cr_sets(scenes, seed, vocab, focus_of)))
+        questions, answer_rows = vqa_set(scenes, seed, vocab, focus_of)
+        _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "questions.jsonl"), questions)
+        _write_jsonl(os.path.join(out_dir, f"{prefix}vqa", "answers.jsonl"), answer_rows)
+        counts[f"{prefix}vqa/questions.jsonl"] = _by_category(questions)
+        counts[f"{prefix}vqa/answers.jsonl"] = len(answer_rows)
+
+    rows = hallucination_set(splits["test"], seed, vocab)
+    _write_jsonl(os.path.join(out_dir, "hallucination", "questions.jsonl"), rows)
+    counts["hallucination/questions.jsonl"] = {"total": len(rows), **{
+        c: {label: sum(r["category"] == c and r["label"] == label for r in rows) for label in ("yes", "no")}
+        for c in HALLUCINATION_CATEGORIES}}
 
     summary = {
         "generator": "compodistill.data.synth", "version": GENERATOR_VERSION, "seed": seed,
         "arguments": {"size": size, "num_train": num_train, "num_test": num_test,
                       "num_comp": num_test if compositional else 0, "image_size": image_size, "grid": grid,
                       "max_objects": max_objects, "compositional": compositional},
-        "vocabulary": {"colors": list(vocab.colors), "shapes": list(vocab.shapes), "sizes": list(vocab.sizes)},
+        "vocabulary": _vocabulary_dict(vocab),
         "held_out_combos": [list(c) for c in held],
         "counts": counts,
     }
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
+
+
+def _vocabulary_dict(vocab: Vocabulary) -> dict:
+    return {"colors": list(vocab.colors), "shapes": list(vocab.shapes), "sizes": list(vocab.sizes)}
 
 
 def _check_splits(splits, held):
@@ -387,11 +373,15 @@ def _check_splits(splits, held):
         raise RuntimeError("splits: a comp scene has no held-out colour-shape pair")
 
 
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
 def report(summary: dict, out_dir: str | None = None) -> str:
     """A short table of what was written: each file with its item count and per-subset counts."""
     args = summary["arguments"]
     head = (f"wrote {out_dir or 'benchmark'}: seed {summary['seed']}, {args['num_train']} train / "
-            f"{args['num_test']} test" + (f" / {args['num_comp']} comp" if args["compositional"] else "")
+            f"{args['num_test']} test" + (f" / {args['num_comp']} comp" if args.get("compositional") else "")
             + f" scenes, {args['image_size']}px images on a {args['grid']}x{args['grid']} grid")
     lines = [head, f"{'file':<34} items"]
     for name, value in summary["counts"].items():
@@ -402,7 +392,7 @@ def report(summary: dict, out_dir: str | None = None) -> str:
         parts = [f"{k} {v['yes']} yes/{v['no']} no" if isinstance(v, dict) else f"{k} {v}"
                  for k, v in value.items() if k not in ("total", "conversations")]
         lines.append(f"{name:<34} {total}  ({', '.join(parts)})")
-    if summary["held_out_combos"]:
+    if summary.get("held_out_combos"):
         lines.append("held out of training: " + ", ".join(f"{c} {s}" for c, s in summary["held_out_combos"]))
     lines.append(f"{'summary.json':<34} -")
     return "\n".join(lines)
