@@ -231,3 +231,136 @@ def hallucination_pair(scene: Scene, category: str, rng: random.Random, vocab: V
             if _valid(scene, positive, negative):
                 return YesNo(positive), YesNo(negative)
     return None
+
+
+# ---- CR items scored by caption likelihood (the miniature preset) --------------------------------
+
+def _named_objects(scene: Scene) -> list[int]:
+    """Indices of the objects that are the only one of their colour and shape in the scene."""
+    combos = [(o.color, o.shape) for o in scene.objects]
+    return [i for i, c in enumerate(combos) if combos.count(c) == 1]
+
+
+def _pair_relation(scene, i, j, rng, *, size=False):
+    """`Relation` "a.colour a.shape REL b.colour b.shape" (with a's size in front when `size`) with a
+    relation that holds from i to j."""
+    a, b = scene.objects[i], scene.objects[j]
+    return Relation(Desc(a.shape, a.color, a.size if size else None), rng.choice(true_relations(scene, i, j)),
+                    Desc(b.shape, b.color))
+
+
+def _phrase_swap(scene, rng, vocab, exchange):
+    present = {(o.color, o.shape) for o in scene.objects}
+    named = _named_objects(scene)
+    pairs = [(i, j) for i in named for j in named if i != j]
+    rng.shuffle(pairs)
+    for i, j in pairs:
+        a, b = scene.objects[i], scene.objects[j]
+        # Both exchanged combinations must be absent, so the negative names no object at all.
+        if a.color == b.color or a.shape == b.shape or (a.color, b.shape) in present or (b.color, a.shape) in present:
+            continue
+        positive = _pair_relation(scene, i, j, rng)
+        s, o = positive.subject, positive.object
+        if exchange == "color":
+            return positive, replace(positive, subject=replace(s, color=o.color), object=replace(o, color=s.color))
+        return positive, replace(positive, subject=replace(s, shape=o.shape), object=replace(o, shape=s.shape))
+    return None
+
+
+def _phrase_swap_att(scene, rng, vocab):
+    return _phrase_swap(scene, rng, vocab, "color")
+
+
+def _phrase_swap_obj(scene, rng, vocab):
+    return _phrase_swap(scene, rng, vocab, "shape")
+
+
+def _named_pair(scene, rng):
+    named = _named_objects(scene)
+    return tuple(rng.sample(named, 2)) if len(named) >= 2 else None
+
+
+def _phrase_replace_rel(scene, rng, vocab):
+    pair = _named_pair(scene, rng)
+    if pair is None:
+        return None
+    positive = _pair_relation(scene, *pair, rng)
+    return positive, replace(positive, relation=OPPOSITE[positive.relation])
+
+
+def _phrase_add_att(scene, rng, vocab):
+    pair = _named_pair(scene, rng)
+    if pair is None:
+        return None
+    positive = _pair_relation(scene, *pair, rng, size=True)
+    other = rng.choice([s for s in vocab.sizes if s != positive.subject.size])
+    return positive, replace(positive, subject=replace(positive.subject, size=other))
+
+
+def _phrase_replace_att(scene, rng, vocab):
+    o = rng.choice(scene.objects)
+    # A colour that no object of this shape has: the edited phrase then names no object.
+    colors = [c for c in vocab.colors if not any(p.shape == o.shape and p.color == c for p in scene.objects)]
+    if not colors:
+        return None
+    positive = Exists(Desc(o.shape, o.color, o.size))
+    return positive, Exists(replace(positive.desc, color=rng.choice(colors)))
+
+
+def _phrase_replace_obj(scene, rng, vocab):
+    o = rng.choice(scene.objects)
+    shapes = [s for s in vocab.shapes if not any(p.shape == s for p in scene.objects)]
+    if not shapes:
+        return None
+    positive = Exists(Desc(o.shape, o.color, o.size))
+    return positive, Exists(replace(positive.desc, shape=rng.choice(shapes)))
+
+
+def _phrase_add_obj(scene, rng, vocab):
+    present = unique_in_order((o.color, o.shape) for o in scene.objects)
+    absent = [c for c in vocab.combos() if c not in present]
+    if len(present) < 2 or not absent:
+        return None
+    shown = rng.sample(present, 2)
+    positive = And(tuple(Exists(Desc(shape, color)) for color, shape in shown))
+    color, shape = rng.choice(absent)
+    k = rng.randrange(2)
+    parts = list(positive.parts)
+    parts[k] = Exists(Desc(shape, color))
+    return positive, And(tuple(parts))
+
+
+_PHRASE_CR_BUILDERS = {"swap_obj": _phrase_swap_obj, "swap_att": _phrase_swap_att, "replace_obj": _phrase_replace_obj,
+                       "replace_att": _phrase_replace_att, "replace_rel": _phrase_replace_rel,
+                       "add_obj": _phrase_add_obj, "add_att": _phrase_add_att}
+
+
+def phrase_cr_pair(scene: Scene, subset: str, rng: random.Random, vocab: Vocabulary):
+    """One (positive, negative) statement pair of a CR subset in the phrase grammar
+    (`statements.phrase_text`), for scoring by caption likelihood; None if the scene has none.
+
+    With a, b objects that are each the only one of their colour and shape, and REL a relation that
+    holds from a to b:
+
+    - swap_att: "a.colour a.shape REL b.colour b.shape ." vs the colours exchanged; a and b differ in
+      colour and in shape and neither exchanged colour-shape combination is in the scene.
+    - swap_obj: the same with the shapes exchanged.
+    - replace_rel: REL vs its opposite (left of / right of, above / below).
+    - add_att: "SIZE a.colour a.shape REL b.colour b.shape ." with a's size vs the other size.
+    - replace_att: "size colour shape ." of any object vs a colour that no object of that shape has.
+    - replace_obj: the same phrase vs a shape that no object has.
+    - add_obj: "colour shape and colour shape ." naming two present colour-shape combinations vs one
+      of them (either, at random) replaced by a combination absent from the scene.
+
+    Each edit substitutes words or permutes them, so both phrases have the same word count (and
+    token count when every vocabulary word is one token). Guards: the positive is true and the
+    negative false by `evaluate`.
+    """
+    if subset not in _PHRASE_CR_BUILDERS:
+        raise ValueError(f"subset: expected one of {CR_SUBSETS}, got {subset!r}")
+    made = _PHRASE_CR_BUILDERS[subset](scene, rng, vocab)
+    if made is None:
+        return None
+    if not _valid(scene, *made):
+        raise RuntimeError(f"{scene.id} {subset}: built an invalid pair {made!r}")
+    return made

@@ -280,3 +280,28 @@ def conversation_turns(scene: Scene, rng: random.Random, vocab: Vocabulary, turn
             seen.add(text)
             out.append((text, answer(scene, query)))
     return out
+
+
+
+
+def short_answer_turns(scene: Scene, rng: random.Random, vocab: Vocabulary, turns: int) -> list[tuple[str, str]]:
+    """Up to `turns` distinct (question, one-word answer) pairs: the colour of a shape that one object
+    has ("What color is the square?" "red"), the shape of a colour that one object has ("What shape is
+    the red object?" "square"), or a count of a vocabulary shape or colour ("How many circles are
+    there?" "2", "0" when absent). Each turn draws its kind uniformly among the kinds the scene allows."""
+    shapes, colors = [o.shape for o in scene.objects], [o.color for o in scene.objects]
+    kinds = {
+        "color": [WhatAttr(Desc(s), "color") for s in unique_in_order(shapes) if shapes.count(s) == 1],
+        "shape": [WhatAttr(Desc(None, c), "shape") for c in unique_in_order(colors) if colors.count(c) == 1],
+        "count": [HowMany(Desc(s)) for s in vocab.shapes] + [HowMany(Desc(None, c)) for c in vocab.colors],
+    }
+    out, seen = [], set()
+    for _ in range(4 * turns):
+        if len(out) == turns:
+            break
+        query = rng.choice(kinds[rng.choice([k for k, v in kinds.items() if v])])
+        text = question_text(query)
+        if text not in seen:
+            seen.add(text)
+            out.append((text, answer(scene, query)))
+    return out

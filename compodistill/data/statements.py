@@ -307,3 +307,91 @@ def caption_text(statements) -> str:
 def parse_caption(text: str) -> list:
     """Inverse of `caption_text`."""
     return [parse_statement(s) for s in text.strip().rstrip(".").split(". ")]
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Phrases: the terse grammar of the miniature preset's dense captions and CR items
+# --------------------------------------------------------------------------------------------------
+
+# Every word of a phrase is one token of the tiny tokenizer, and a pair of phrases that differ by one
+# substituted word (or by a permutation of words) has equal token counts: summed log-probabilities of
+# the two compare fairly.
+PHRASE_RELATION_WORDS = {"left_of": "left of", "right_of": "right of", "above": "above", "below": "below"}
+_PHRASE_RELATION_OF_WORDS = {words: name for name, words in PHRASE_RELATION_WORDS.items()}
+_PHRASE_RELATION = re.compile(rf"{np_pattern('a')} (?P<rel>{'|'.join(PHRASE_RELATION_WORDS.values())}) "
+                              rf"{np_pattern('b')}")
+_PHRASE_OBJECT = re.compile(np_pattern("a"))
+
+
+def phrase_text(statement) -> str:
+    """A statement as one phrase ending in " .":
+
+    - `Exists(d)` → "large red square ." (the description's words: size, colour, noun)
+    - `Relation(a, rel, b)`, indefinite → "red square left of blue circle ." ("left of", "right of",
+      "above", "below")
+    - `And` of `Exists` parts → "red square and blue circle ."
+    """
+    if isinstance(statement, Exists):
+        return f"{desc_text(statement.desc)} ."
+    if isinstance(statement, Relation) and not statement.definite:
+        return (f"{desc_text(statement.subject)} {PHRASE_RELATION_WORDS[statement.relation]} "
+                f"{desc_text(statement.object)} .")
+    if isinstance(statement, And) and len(statement.parts) >= 2 and all(isinstance(p, Exists) for p in statement.parts):
+        return " and ".join(desc_text(p.desc) for p in statement.parts) + " ."
+    raise ValueError("statement: a phrase is an Exists, an indefinite Relation or an And of at least two Exists, "
+                     f"got {statement!r}")
+
+
+def parse_phrase(text: str):
+    """Inverse of `phrase_text`."""
+    if not text.endswith(" ."):
+        raise ValueError(f"text: a phrase ends in ' .', got {text!r}")
+    body = text[:-2]
+    m = _PHRASE_RELATION.fullmatch(body)
+    if m:
+        return Relation(match_desc(m, "a"), _PHRASE_RELATION_OF_WORDS[m.group("rel")], match_desc(m, "b"))
+    parts = []
+    for part in body.split(" and "):
+        m = _PHRASE_OBJECT.fullmatch(part)
+        if not m:
+            raise ValueError(f"text: not a phrase of the miniature grammar: {text!r}")
+        parts.append(Exists(match_desc(m, "a")))
+    return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
+def dense_caption(scene: Scene, rng: random.Random, *, relations: int = 2) -> list:
+    """A dense first-order caption as statements: every object as `Exists(size colour shape)` in random
+    order, then up to `relations` relation statements "colour shape REL colour shape" that hold.
+
+    Relations only join objects that are each the only one of their colour and shape (so the
+    indefinite phrase names them), never a tie. The candidates are the (pair of objects, axis) facts
+    whose cells differ on that axis; `relations` distinct facts are drawn, each written in a random
+    direction ("a left of b" or "b right of a"), so two phrases never state the same fact.
+    """
+    objects = scene.objects
+    phrases = [Exists(Desc(o.shape, o.color, o.size)) for o in objects]
+    rng.shuffle(phrases)
+    combos = [(o.color, o.shape) for o in objects]
+    named = [i for i, c in enumerate(combos) if combos.count(c) == 1]
+    facts = [(i, j, axis) for i, j in itertools.combinations(named, 2) for axis in ("horizontal", "vertical")
+             if (objects[i].col != objects[j].col if axis == "horizontal" else objects[i].row != objects[j].row)]
+    for i, j, axis in rng.sample(facts, min(relations, len(facts))):
+        if rng.random() < 0.5:
+            i, j = j, i
+        rel = next(r for r in true_relations(scene, i, j) if (r in ("left_of", "right_of")) == (axis == "horizontal"))
+        a, b = objects[i], objects[j]
+        phrases.append(Relation(Desc(a.shape, a.color), rel, Desc(b.shape, b.color)))
+    return phrases
+
+
+def dense_caption_text(statements) -> str:
+    """Phrases joined by spaces: "large red square . small blue circle . red square left of blue circle ."."""
+    return " ".join(phrase_text(s) for s in statements)
+
+
+def parse_dense_caption(text: str) -> list:
+    """Inverse of `dense_caption_text`."""
+    if not text.endswith(" ."):
+        raise ValueError(f"text: a dense caption ends in ' .', got {text!r}")
+    return [parse_phrase(p + " .") for p in text[:-2].split(" . ")]
