@@ -7,16 +7,16 @@ import random
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from compodistill.data.scenes import (CR_SUBSETS, HALLUCINATION_CATEGORIES, QUESTION_CATEGORIES, And, Count, Desc,
-                                      Exists, HasAttr, HowMany, Relation, Scene, Vocabulary, WhatAttr,
-                                      WhatRelated, YesNo, answer, answers, caption_statements, caption_text,
-                                      conversation_turns, cr_pair, evaluate, hallucination_pair, holds,
-                                      make_query, make_scene, parse_caption, parse_question, parse_statement,
-                                      question_text, shortest_unique, statement_text)
+from compodistill.data.negatives import CR_SUBSETS, HALLUCINATION_CATEGORIES, cr_pair, hallucination_pair
+from compodistill.data.questions import (QUESTION_CATEGORIES, HowMany, WhatAttr, WhatRelated, YesNo, answer, answers,
+                                         conversation_turns, make_query, parse_question, question_text)
+from compodistill.data.scene_graph import Scene, Vocabulary, make_scene
+from compodistill.data.statements import (And, Count, Desc, Exists, HasAttr, Relation, caption_statements, caption_text,
+                                          evaluate, holds, parse_caption, parse_statement, shortest_unique,
+                                          statement_text)
 from compodistill.data.synth import generate
 from compodistill.models.tokenizer import _WORDS
 
@@ -382,3 +382,14 @@ def test_cli(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     bad = subprocess.run(cmd + ["--overwrite", "--image-size", "50"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "--image-size" in bad.stderr
+
+
+def test_compatibility_module_reexports_the_split_modules():
+    """compodistill.data.scenes keeps the names other modules import from it, as the same objects."""
+    import compodistill.data.scenes as scenes
+    from compodistill.data import negatives, questions, scene_graph, statements
+
+    for name in scenes.__all__:
+        owners = [m for m in (scene_graph, statements, questions, negatives) if hasattr(m, name)]
+        assert owners and getattr(scenes, name) is getattr(owners[0], name), name
+    assert {"CR_SUBSETS", "Scene", "make_scene"} <= set(scenes.__all__)
