@@ -204,7 +204,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     the warning in the log is what reaches the main process.
 
     Items: {"id": str, "input_ids": LongTensor (n,), "labels": LongTensor (n,),
-    "pixel_values": FloatTensor (3, H, W) or None for text-only samples}.
+    "pixel_values": FloatTensor (3, H, W) or None for text-only samples; with a feature cache attached
+    (`use_feature_cache`) "vision_features": FloatTensor (N, D) in place of the pixels}.
     """
 
     def __init__(self, json_path: str, image_folder: str, mllm=None, *, tokenizer=None, image_processor=None,
@@ -256,6 +257,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._rows = self._select(check_images)
         self.report.kept = len(self._rows)
         self._corrupt: set[int] = set()
+        self._columns()
+        self.feature_cache = None
         if not self._rows:
             raise ValueError(f"json_path: no usable sample in {self.json_path!r}: {self.report}")
         log = logger.warning if self.report.skipped else logger.info
@@ -308,16 +311,57 @@ class LlavaDataset(torch.utils.data.Dataset):
         raise ValueError(f"json_path: every sample of {self.json_path!r} has an unreadable image "
                          f"({self.report})") from last_error
 
+    def _columns(self):
+        """Token ids, labels, ids and image paths as flat arrays: reading a sample is then two slices, not
+        an Arrow row lookup (the data loader's cost per sample, at every step)."""
+        table = self._samples.data
+        for name in ("input_ids", "labels"):
+            column = table.column(name).combine_chunks()
+            setattr(self, f"_{name}_values", column.values.to_numpy(zero_copy_only=False))
+            setattr(self, f"_{name}_offsets", column.offsets.to_numpy())
+        self._sample_ids = table.column("sample_id").to_pylist()
+        self._images = table.column("image").to_pylist()
+
+    def _tokens(self, name: str, row: int) -> torch.Tensor:
+        offsets = getattr(self, f"_{name}_offsets")
+        values = getattr(self, f"_{name}_values")[offsets[row]:offsets[row + 1]]
+        return torch.from_numpy(values.astype("int64"))
+
+    def image_path(self, position: int) -> str | None:
+        """The resolved image file of sample `position` (None for a text-only sample)."""
+        row = self._rows[position]
+        image = self._images[row]
+        return None if image is None else resolve_image(self.image_folder, image, self._sample_ids[row])
+
+    def use_feature_cache(self, cache, mllm, *, device=None, batch_size: int = 64, progress: bool = True):
+        """Compute (once) the vision features of every image this dataset uses with `mllm`'s frozen tower
+        and yield them as "vision_features" instead of "pixel_values" from now on. Images that cannot be
+        read raise `BadSample` (on_bad_sample="raise") or are skipped and counted."""
+        positions = [p for p in range(len(self)) if p not in self._corrupt and self._images[self._rows[p]] is not None]
+        paths = {self._sample_ids[self._rows[p]]: self.image_path(p) for p in positions}
+        bad = set(cache.fill(mllm, list(paths.items()), device=device, batch_size=batch_size, progress=progress,
+                             on_bad_sample=self.on_bad_sample))
+        for position in positions:
+            sample_id = self._sample_ids[self._rows[position]]
+            if sample_id in bad:
+                self._corrupt.add(position)
+                self.report.kept -= 1
+                self.report.skip(sample_id, "corrupt image")
+        self.feature_cache = cache
+        return self
+
     def _load(self, position: int) -> dict:
-        sample = self._samples[self._rows[position]]
-        pixels = None
-        if sample["image"] is not None:
-            path = resolve_image(self.image_folder, sample["image"], sample["sample_id"])
-            pixels = pixel_values(self.image_processor, [load_image(path, sample["sample_id"])])[0]
-        return {"id": sample["sample_id"],
-                "input_ids": torch.tensor(sample["input_ids"], dtype=torch.long),
-                "labels": torch.tensor(sample["labels"], dtype=torch.long),
-                "pixel_values": pixels}
+        row = self._rows[position]
+        sample_id, image = self._sample_ids[row], self._images[row]
+        item = {"id": sample_id, "input_ids": self._tokens("input_ids", row), "labels": self._tokens("labels", row),
+                "pixel_values": None}
+        if image is not None:
+            path = resolve_image(self.image_folder, image, sample_id)
+            if self.feature_cache is not None and path in self.feature_cache:
+                item["vision_features"] = self.feature_cache[path]
+            else:
+                item["pixel_values"] = pixel_values(self.image_processor, [load_image(path, sample_id)])[0]
+        return item
 
     def describe(self) -> str:
         """One line for logs: the file, the counts, and why samples were skipped."""
@@ -341,7 +385,8 @@ class MultimodalCollator:
     """Pads `LlavaDataset` items into a batch.
 
     Returns {"input_ids" (B, L) long, "attention_mask" (B, L) long 0/1, "labels" (B, L) long (-100 on
-    padding), "pixel_values" (B, 3, H, W) float, "visual_start" (B,) long, "ids" [str]}. visual_start is
+    padding), "pixel_values" (B, 3, H, W) float — or "vision_features" (B, N, D) when the dataset yields
+    cached tower features —, "visual_start" (B,) long, "ids" [str]}. visual_start is
     the position of each sample's first image token in the padded batch: its position in the sample
     plus the sample's left-padding. Every sample must hold exactly one contiguous run of
     `num_image_tokens` image tokens. A batch is all-image or all-text; a text-only batch has
@@ -388,7 +433,7 @@ class MultimodalCollator:
         if not samples:
             raise ValueError("samples: expected a non-empty list of dataset items")
         ids = [str(s.get("id", f"#{b}")) for b, s in enumerate(samples)]
-        with_image = [s["pixel_values"] is not None for s in samples]
+        with_image = [s["pixel_values"] is not None or s.get("vision_features") is not None for s in samples]
         if any(with_image) and not all(with_image):
             text = [i for i, img in zip(ids, with_image) if not img]
             raise ValueError(f"samples: a batch must be all image or all text-only samples; text-only "
@@ -423,10 +468,14 @@ class MultimodalCollator:
         batch = {"input_ids": batch_ids, "attention_mask": mask, "labels": batch_labels, "ids": ids,
                  "pixel_values": None, "visual_start": None}
         if all(with_image):
-            shapes = {tuple(s["pixel_values"].shape) for s in samples}
+            # images come as pixels, or (with a feature cache) as their frozen tower's features
+            key = "vision_features" if samples[0].get("vision_features") is not None else "pixel_values"
+            if any(s.get(key) is None for s in samples):
+                raise ValueError("samples: a batch mixes cached vision features and pixel values")
+            shapes = {tuple(s[key].shape) for s in samples}
             if len(shapes) != 1:
-                raise ValueError(f"samples: pixel_values of different shapes {sorted(shapes)} in one batch")
-            batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+                raise ValueError(f"samples: {key} of different shapes {sorted(shapes)} in one batch")
+            batch[key] = torch.stack([s[key] for s in samples])
             batch["visual_start"] = torch.tensor([s + shift for s, shift in zip(starts, shifts)], dtype=torch.long)
         return batch
 

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import re
-import warnings
+import sys
 
 import numpy as np
 import torch
@@ -96,10 +96,14 @@ def checkpoint_folders(output_dir: str) -> list[str]:
     return [os.path.join(root, name) for _, name in found]
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint that `damage` finds nothing wrong with, warning about each newer damaged
-    one; None when there is no checkpoint at all. Raises ValueError when checkpoints exist but every
-    one of them is damaged."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(output_dir: str, *, warn=_warn) -> str | None:
+    """The newest checkpoint that `damage` finds nothing wrong with; `warn(message)` is called for each
+    newer damaged one (by default a line on stderr, which warning filters cannot hide). None when there is
+    no checkpoint at all; ValueError when checkpoints exist but every one of them is damaged."""
     folders = checkpoint_folders(output_dir)
     reasons = []
     for folder in folders:
@@ -107,7 +111,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
         if reason is None:
             return folder
         reasons.append(reason)
-        warnings.warn(f"skipping damaged checkpoint {folder}: {reason}", stacklevel=2)
+        warn(f"skipping damaged checkpoint {folder}: {reason}")
     if reasons:
         raise ValueError(f"--resume: no usable checkpoint in {output_dir}/checkpoints; every one is damaged:\n  "
                          + "\n  ".join(reasons))

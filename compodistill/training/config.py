@@ -61,7 +61,12 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    """LLaVA JSON (or JSONL) with images under image_folder."""
+    """LLaVA JSON (or JSONL) with images under image_folder.
+
+    feature_cache: compute the frozen vision tower's features once per image, before training, and keep
+    them in memory (compodistill.data.features); needs a frozen tower shared by teacher and student. It
+    saves decoding, preprocessing and the tower's forward at every step; memory is images × tokens ×
+    feature size (fine for the miniature, not for LLaVA-665K)."""
 
     json: str = ""
     image_folder: str = ""
@@ -69,6 +74,7 @@ class DataConfig:
     on_bad_sample: str = "raise"
     padding_side: str = "right"
     num_workers: int = 0
+    feature_cache: bool = False
 
 
 @dataclass
@@ -245,6 +251,9 @@ def validate(config: StageConfig) -> StageConfig:
         raise ValueError("data.image_folder: expected the folder the JSON's image paths are relative to")
     _choice("data.on_bad_sample", config.data.on_bad_sample, ("raise", "skip"))
     _choice("data.padding_side", config.data.padding_side, ("right", "left"))
+    if config.data.feature_cache and ({"vision", "all"} & set(config.trainable)):
+        raise ValueError(f"data.feature_cache: the vision tower trains in this stage (trainable {config.trainable}), "
+                         "so its features change; set data.feature_cache=false")
     _choice("optim.scheduler", config.optim.scheduler, SCHEDULERS)
     _choice("train.mixed_precision", config.train.mixed_precision, MIXED_PRECISION)
     _choice("train.attention_backend", config.train.attention_backend, BACKENDS)

@@ -180,6 +180,14 @@ class Recipe:
         with acc.main_process_first():
             self.dataset = LlavaDataset(cfg.data.json, cfg.data.image_folder, self.student,
                                         max_length=cfg.data.max_length, on_bad_sample=cfg.data.on_bad_sample)
+        if cfg.data.feature_cache:
+            from ..data.features import VisionFeatureCache
+
+            cache = VisionFeatureCache(self.student)
+            if self.teacher is not None and cfg.distill_config().needs_teacher:
+                cache.check(self.teacher, "model.teacher")  # one cache feeds both models: one tower
+            self.dataset.use_feature_cache(cache, self.student, device=acc.device, batch_size=cfg.train.batch_size,
+                                           progress=self.progress and acc.is_main_process)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
             collate_fn=build_collator(self.student, cfg.data.padding_side), drop_last=False)
@@ -314,7 +322,8 @@ class Recipe:
         return result
 
     def _loss_step(self, batch) -> dict:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+        image = "vision_features" if batch.get("vision_features") is not None else "pixel_values"
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", image, "labels")}
         return self.distiller(inputs)
 
     def _log(self, sums, micro_batches, tokens, started, metrics_path) -> dict:
