@@ -361,8 +361,12 @@ def parse_phrase(text: str):
 
 
 def dense_caption(scene: Scene, rng: random.Random, *, relations: int = 2) -> list:
-    """A dense first-order caption as statements: every object as `Exists(size colour shape)` in random
-    order, then up to `relations` relation statements "colour shape REL colour shape" that hold.
+    """A dense first-order caption as statements: every object as `Exists(size colour shape)` and up to
+    `relations` relation statements "colour shape REL colour shape" that hold, all in one random order.
+
+    Relations are shuffled in with the objects, not appended: a byte-level tokenizer writes the first
+    word of a reply without its leading space (another token), and CR captions may start with a colour
+    word, so captions must start with one in training too.
 
     Relations only join objects that are each the only one of their colour and shape (so the
     indefinite phrase names them), never a tie. The candidates are the (pair of objects, axis) facts
@@ -371,7 +375,6 @@ def dense_caption(scene: Scene, rng: random.Random, *, relations: int = 2) -> li
     """
     objects = scene.objects
     phrases = [Exists(Desc(o.shape, o.color, o.size)) for o in objects]
-    rng.shuffle(phrases)
     combos = [(o.color, o.shape) for o in objects]
     named = [i for i, c in enumerate(combos) if combos.count(c) == 1]
     facts = [(i, j, axis) for i, j in itertools.combinations(named, 2) for axis in ("horizontal", "vertical")
@@ -382,6 +385,7 @@ def dense_caption(scene: Scene, rng: random.Random, *, relations: int = 2) -> li
         rel = next(r for r in true_relations(scene, i, j) if (r in ("left_of", "right_of")) == (axis == "horizontal"))
         a, b = objects[i], objects[j]
         phrases.append(Relation(Desc(a.shape, a.color), rel, Desc(b.shape, b.color)))
+    rng.shuffle(phrases)
     return phrases
 
 

@@ -20,6 +20,7 @@ from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodist
                                 num_language_model_layers)
 from ..models import parts
 from ..models.mllm import MLLM, visual_token_positions
+from ..models.vision import multimodal_embeddings
 from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
 from .vat import VATConfig, combine_layers, group_targets, query_rows, resolve_layers, slice_loss
@@ -101,8 +102,9 @@ class Distiller(nn.Module):
         config: a `DistillConfig`.
         backend: attention backend for both models ("auto", "torch", "triton").
 
-    batch: input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W), labels (B, L) with -100
-    on unsupervised tokens. Every sample holds one image as a contiguous run of image tokens.
+    batch: input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W) — or vision_features
+    (B, N, D), the frozen vision tower's output (models.vision.vision_features) —, labels (B, L) with
+    -100 on unsupervised tokens. Every sample holds one image as a contiguous run of image tokens.
     """
 
     def __init__(self, student, teacher=None, config: DistillConfig | None = None, *, backend: str = "auto"):
@@ -162,9 +164,14 @@ class Distiller(nn.Module):
         backbone, _, config = _parts(model)
         if config.text_config._attn_implementation != ATTENTION_NAME and probe is not None:
             raise ValueError("model: compodistill attention is not enabled; call enable_compodistill_attention")
-        pixel_values = batch["pixel_values"].to(next(backbone.parameters()).dtype)
-        out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       pixel_values=pixel_values, use_cache=False, compodistill_probe=probe)
+        common = dict(attention_mask=batch.get("attention_mask"), use_cache=False, compodistill_probe=probe)
+        if batch.get("vision_features") is not None:
+            # the frozen tower's features, computed once per image: projector and LM run as usual
+            embeds = multimodal_embeddings(model, batch["input_ids"], batch["vision_features"])
+            out = backbone(inputs_embeds=embeds, **common)
+        else:
+            pixel_values = batch["pixel_values"].to(next(backbone.parameters()).dtype)
+            out = backbone(input_ids=batch["input_ids"], pixel_values=pixel_values, **common)
         if probe is not None:
             missing = probe.layers - set(probe.slices) - set(probe.losses)
             if missing:

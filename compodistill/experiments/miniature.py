@@ -1,515 +1,429 @@
-"""The miniature reproduction: `python -m compodistill.train --pipeline ablations`.
+"""The miniature: the paper's comparison on a task small enough for a CPU, built on the stage runner.
 
-The paper's claim in small: a teacher that binds attributes to objects and reads spatial relations;
-students distilled from it with SFT, logit KD, TAF, VAT and VAT+TAF (CompoDistill), plus the matching
-(simple vs group) and alignment-loss (cosine vs MSE vs KL) ablations, each over several seeds; every
-model evaluated on the held-out compositional-reasoning (CR) subsets; the analysis figures beside.
+    run_miniature(root, scale=SCALES["full"], variants=VARIANTS, seeds=(0, 1, 2))
 
-1. Data: the procedural benchmark with a small vocabulary (4 colours × 4 shapes), objects snapped to
-   the vision tower's 16 px patch cells, and at least 1,000 held-out test items per CR subset.
-2. Vision tower: pre-trained on per-patch attributes (colour, shape, size, row, column of the object
-   in each patch's cell), as real LLaVA starts from a pre-trained SigLIP. Its features are kept at
-   unit mean square, so that the language model trained on top of them stays stable at lr 1e-3.
-3. Teacher: tiny-teacher (8 layers) on top of that tower, instruction-tuned (projector + LM).
-4. Students (tiny-student, 4 layers, the teacher's vision tower), one distillation stage each on the
-   same data, steps and initialisation per seed, differing only in their losses and projector.
-5. Evaluation (two-choice CR in both orders, VQA exact match) and `compodistill.analyze` figures.
-6. `results/miniature.md` (and .json): mean ± standard deviation over seeds, the binomial standard
-   error per subset, the commands and the time taken.
+1. Data (`compodistill.data.synth --preset miniature`): 4×4-grid scenes, 6 colours × 6 shapes × 2
+   sizes; one dense caption per training scene ("large red square . small blue circle . red square left
+   of blue circle ."), next-token loss on the caption; CR items whose two captions differ in one
+   compositional detail, scored by caption likelihood.
+2. Vision: the teacher's tiny SigLIP (one patch per cell) pre-trained to tell each patch's colour, shape
+   and size (`vision.pretrain_vision_tower`), then frozen everywhere; its features are computed once
+   per image (`data.feature_cache`).
+3. Teacher: `miniature-teacher` (LM width 128, 4 layers) trains projector and LM on the captions.
+4. Students: `miniature-student` (LM width 64, 3 layers) with the teacher's tower, one stage each, per
+   seed the same LM initialisation and the same batches; they differ only in losses and projector
+   (SFT, KD, KD + TAF, KD + VAT, CompoDistill = KD + VAT + TAF, and the ablations).
+5. Every model is scored by caption likelihood (the headline) and by the letter-logit two-choice
+   protocol; students also at intermediate steps (snapshots) for the learning curves.
+6. A report: mean ± std over seeds, binomial standard errors, the ordering claims checked against the
+   seed spread, layer-wise attention similarity, answer probability by similarity, the intervention.
 
-Every step is resumable: a finished model or evaluation is found on disk and not redone.
+Every step resumes: a finished model or evaluation on disk is not redone.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import shlex
 import time
+from dataclasses import dataclass, field, replace
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..data.benchmarks import read_sugarcrepe
+from ..data.negatives import CR_SUBSETS
+from ..data.synth import generate_miniature
+from ..distill import VATConfig
+from ..models import build_preset, parts
+from ..training import StageConfig, evolve, load_config, run_stage
+from ..training.config import CheckpointConfig, DataConfig, LogConfig, LossWeights, ModelConfig, OptimConfig, \
+    TrainConfig
+from . import report
+from .evaluation import bin_by_similarity, caption_analysis, evaluate_saved, load_for_inference
+from .vision import pretrain_vision_tower
 
-from .config import load_config
-from .data.scenes import CR_SUBSETS
-from .models import parts
+HEADLINE = "likelihood"
+PROTOCOLS = ("likelihood", "letter_logits")
 
-COLORS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle", "cross")
-# The teacher must show the skills the students are meant to inherit (issue: ≥ 0.75 on both).
-TEACHER_BAR = {"swap_att": 0.75, "replace_rel": 0.75}
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of everything one run does."""
+
+    name: str
+    num_train: int           # training scenes (captions)
+    num_test: int            # test scenes (CR items come from them)
+    cr_items: int | None     # CR items per subset scored for every final model (None: all)
+    curve_items: int         # CR items per subset scored at each snapshot
+    vision_steps: int
+    teacher_steps: int
+    student_steps: int
+    snapshots: tuple         # student steps scored for the learning curves
+    seeds: tuple
+    analysis_items: int
+    batch: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+
 
 SCALES = {
-    # The committed results: ≥ 1,000 test items per CR subset, three seeds.
-    "full": dict(num_train=4000, num_test=1500, vision_steps=400, vision_batch=64, teacher_steps=1500,
-                 student_steps=400, batch=16, lr=1e-3, seeds=(0, 1, 2), cr_limit=None, vqa_limit=1000,
-                 analysis_items=40),
-    # CI's smoke test of the whole pipeline: every stage and file, in seconds; numbers are meaningless.
-    "smoke": dict(num_train=48, num_test=24, vision_steps=4, vision_batch=8, teacher_steps=3, student_steps=2,
-                  batch=4, lr=1e-3, seeds=(0,), cr_limit=3, vqa_limit=6, analysis_items=2),
+    # The committed results/miniature.md.
+    "full": Scale("full", num_train=20000, num_test=1000, cr_items=None, curve_items=200, vision_steps=400,
+                  teacher_steps=800, student_steps=400, snapshots=(50, 100, 150, 200, 300), seeds=(0, 1, 2),
+                  analysis_items=100),
+    # The main job's default: teacher, then SFT, KD and CompoDistill with 2 seeds, in minutes.
+    "demo": Scale("demo", num_train=20000, num_test=1000, cr_items=None, curve_items=150, vision_steps=400,
+                  teacher_steps=800, student_steps=200, snapshots=(100, 150), seeds=(0, 1), analysis_items=60),
+    # CI's smoke test: every stage and file, in seconds; the numbers mean nothing.
+    "smoke": Scale("smoke", num_train=96, num_test=40, cr_items=6, curve_items=3, vision_steps=4, teacher_steps=4,
+                   student_steps=4, snapshots=(2,), seeds=(0,), analysis_items=2, batch=8, warmup_steps=1),
 }
 
-# Each student: a stage config and overrides. All share lm + logit KD except the SFT baseline, as in the
-# paper's ablation (its "none" row is LLaVA-KD); CompoDistill = VAT + TAF with group matching and cosine.
-VARIANTS = {
-    "SFT": ("baseline-sft", ["trainable=[projector,lm]"]),
-    "KD only": ("baseline-kd", ["trainable=[projector,lm]"]),
-    "TAF only": ("dft", ["trainable=[lm,post_projector]", "losses.vat=0"]),
-    "VAT only": ("dft", ["trainable=[projector,lm]", "model.taf=false"]),
-    "CompoDistill (VAT+TAF)": ("dft", ["trainable=[lm,post_projector]"]),
-    "VAT+TAF, simple matching": ("dft", ["trainable=[lm,post_projector]", "vat.matching=simple"]),
-    "VAT+TAF, MSE": ("dft", ["trainable=[lm,post_projector]", "vat.loss=mse"]),
-    "VAT+TAF, KL": ("dft", ["trainable=[lm,post_projector]", "vat.loss=kl"]),
-}
-ANALYSED = ("KD only", "CompoDistill (VAT+TAF)")
+
+@dataclass(frozen=True)
+class Variant:
+    """A student: which losses, whether TAF, and changes to the VAT settings."""
+
+    name: str
+    kd: bool
+    vat: bool
+    taf: bool
+    vat_changes: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+# VAT in the miniature: text query rows, per-row cosine, student layers 0-1 of 3 against teacher layers
+# 1-2 of 4 (group matching: windows of one layer), weight 1.
+VAT = VATConfig(student_layers=[0, 1], teacher_layers=[1, 2], matching="group", query_rows="text")
+VARIANTS = (
+    Variant("SFT", kd=False, vat=False, taf=False),
+    Variant("KD", kd=True, vat=False, taf=False),
+    Variant("KD + TAF", kd=True, vat=False, taf=True),
+    Variant("KD + VAT", kd=True, vat=True, taf=False),
+    Variant("CompoDistill", kd=True, vat=True, taf=True),
+    Variant("CompoDistill, simple matching", kd=True, vat=True, taf=True,
+            vat_changes={"student_layers": [0, 1, 2], "teacher_layers": [0, 1, 2, 3], "matching": "simple"}),
+    Variant("CompoDistill, MSE", kd=True, vat=True, taf=True, vat_changes={"loss": "mse"}),
+    Variant("CompoDistill, KL", kd=True, vat=True, taf=True, vat_changes={"loss": "kl"}),
+    Variant("CompoDistill, all layers", kd=True, vat=True, taf=True,
+            vat_changes={"student_layers": [0, 1, 2], "teacher_layers": [0, 1, 2, 3]}),
+    Variant("CompoDistill, last layer", kd=True, vat=True, taf=True,
+            vat_changes={"student_layers": [2], "teacher_layers": [3]}),
+)
+DEMO_VARIANTS = ("SFT", "KD", "CompoDistill")
+# The paper's claims, checked against the seed spread: (a, b, relation).
+CLAIMS = (("CompoDistill", "KD", "beats"), ("KD", "SFT", "not below"), ("CompoDistill", "KD + TAF", "beats"),
+          ("CompoDistill", "KD + VAT", "beats"))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Vision-tower pre-training on per-patch attributes
-# ---------------------------------------------------------------------------------------------------
-
-def patch_targets(scene, colors, shapes, patches_per_side: int) -> torch.Tensor:
-    """(5, P) class indices per patch: colour, shape, size (0 = empty cell), row, column."""
-    if scene.grid != patches_per_side:
-        raise ValueError(f"scene {scene.id}: grid {scene.grid} must equal the vision tower's patches per side "
-                         f"({patches_per_side}) so that each object fills one patch")
-    n = patches_per_side * patches_per_side
-    target = torch.zeros(5, n, dtype=torch.long)
-    target[3] = torch.arange(n) // patches_per_side
-    target[4] = torch.arange(n) % patches_per_side
-    for obj in scene.objects:
-        cell = obj.row * patches_per_side + obj.col
-        target[0, cell] = 1 + colors.index(obj.color)
-        target[1, cell] = 1 + shapes.index(obj.shape)
-        target[2, cell] = 1 + ("small", "large").index(obj.size)
-    return target
-
-
-def pretrain_vision_tower(mllm, data_dir: str, *, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                          progress: bool = True) -> dict:
-    """Train `mllm`'s vision tower in place to predict each patch's object attributes and position.
-
-    Linear heads read the features LLaVA feeds its projector (the vision feature layer); they are
-    dropped afterwards. A penalty (mean(h²) − 1)² keeps the features at unit mean square. Returns the
-    final loss and per-head accuracy on the last batch.
-    """
-    from .data.images import load_image, pixel_values
-    from .data.scenes import Scene
-
-    with open(os.path.join(data_dir, "summary.json")) as f:
-        vocab = json.load(f)["vocabulary"]
-    colors, shapes = vocab["colors"], vocab["shapes"]
-    with open(os.path.join(data_dir, "scenes", "train.jsonl")) as f:
-        scenes = [Scene.from_dict(json.loads(line)) for line in f if line.strip()]
-    vision_config = mllm.model.config.vision_config
-    side = vision_config.image_size // vision_config.patch_size
-    targets = torch.stack([patch_targets(s, colors, shapes, side) for s in scenes])
-    images = pixel_values(mllm.image_processor,
-                          [load_image(os.path.join(data_dir, "images", s.image), s.id) for s in scenes])
-    tower = parts.vision_tower(mllm)
-    layer = mllm.model.config.vision_feature_layer
-    hidden = vision_config.hidden_size
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        heads = torch.nn.ModuleList(torch.nn.Linear(hidden, k) for k in
-                                    (1 + len(colors), 1 + len(shapes), 3, side, side))
-    params = list(tower.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    tower.train()
-    record = {}
-    for step in tqdm(range(steps), desc="vision pre-training", disable=not progress):
-        idx = torch.randint(0, len(scenes), (batch_size,), generator=generator)
-        features = tower(images[idx], output_hidden_states=True).hidden_states[layer]
-        logits = [head(features) for head in heads]
-        classification = sum(F.cross_entropy(lg.flatten(0, 1), targets[idx, k].flatten()) for k, lg in enumerate(logits))
-        loss = classification + 0.1 * (features.pow(2).mean() - 1.0).pow(2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step == steps - 1:
-            names = ("color", "shape", "size", "row", "col")
-            record = {"loss": loss.item(), "steps": steps,
-                      "accuracy": {n: (lg.argmax(-1) == targets[idx, k]).float().mean().item()
-                                   for k, (n, lg) in enumerate(zip(names, logits))}}
-    tower.eval()
-    if not all(torch.isfinite(p).all() for p in tower.parameters()):
-        raise FloatingPointError("vision pre-training produced non-finite weights")
-    return record
+def variants_named(names) -> tuple:
+    by_name = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; expected some of {list(by_name)}")
+    return tuple(by_name[n] for n in names)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The pipeline
+# Stage configs (typed)
 # ---------------------------------------------------------------------------------------------------
 
-def _vision_stage(out: str, data: str, cfg: dict, progress: bool) -> None:
-    from .models import build_preset
-
-    mllm = build_preset("tiny-teacher", seed=0)
-    record = pretrain_vision_tower(mllm, data, steps=cfg["vision_steps"], batch_size=cfg["vision_batch"],
-                                   progress=progress)
-    tmp = os.path.join(out, "final.tmp")
-    mllm.save_pretrained(tmp)
-    with open(os.path.join(tmp, "vision_pretrain.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(out, "final"))
-    print(f"[ablations] vision tower: per-patch accuracy {record['accuracy']}")
+def _common(data: str, scale: Scale, steps: int) -> dict:
+    return dict(
+        data=DataConfig(json=os.path.join(data, "llava_instruct.json"), image_folder=os.path.join(data, "images"),
+                        max_length=256, feature_cache=True),
+        optim=OptimConfig(lr=scale.lr, weight_decay=0.01, scheduler="cosine",
+                          warmup_ratio=min(0.5, scale.warmup_steps / steps), min_lr_ratio=0.1, max_grad_norm=1.0),
+        train=TrainConfig(max_steps=steps, batch_size=scale.batch, mixed_precision="no", log_every=25),
+        checkpoint=CheckpointConfig(every=100, keep=1),
+        log=LogConfig(tensorboard=False, plot=True),
+    )
 
 
-def _done(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "final", "config.json"))
+def teacher_config(root: str, data: str, scale: Scale) -> StageConfig:
+    base = load_config("teacher-finetune")
+    return evolve(base, stage="teacher", output_dir=os.path.join(root, "teacher"),
+                  model=ModelConfig(path=os.path.join(root, "vision", "final")), trainable=["projector", "lm"],
+                  losses=LossWeights(lm=1.0), **_common(data, scale, scale.teacher_steps))
 
 
-class _Clock:
-    """Seconds of real work per step of the pipeline, kept in <root>/timings.json across resumed runs
-    (a step found finished on disk adds nothing)."""
+def student_config(variant: Variant, seed: int, root: str, data: str, teacher: str, scale: Scale) -> StageConfig:
+    base = load_config("dft")
+    common = _common(data, scale, scale.student_steps)
+    common["checkpoint"] = replace(common["checkpoint"], snapshots=list(scale.snapshots))
+    return evolve(base, stage=variant.name, seed=seed, output_dir=os.path.join(root, f"seed{seed}", variant.slug),
+                  model=ModelConfig(path="miniature-student", teacher=teacher, taf=variant.taf,
+                                    vision_from_teacher=True, seed=seed),
+                  trainable=["lm", "post_projector" if variant.taf else "projector"],
+                  losses=LossWeights(lm=1.0, kd=1.0 if variant.kd else 0.0, vat=1.0 if variant.vat else 0.0),
+                  vat=replace(VAT, **variant.vat_changes), **common)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+class Clock:
+    """Seconds of real work per part, summed across resumed runs (kept in <root>/timings.json)."""
 
     def __init__(self, root: str):
+        import json
+
         self.path = os.path.join(root, "timings.json")
         self.seconds = {}
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 self.seconds = json.load(f)
 
-    def add(self, key: str, seconds: float, *, replace: bool = False) -> None:
-        self.seconds[key] = seconds if replace else self.seconds.get(key, 0.0) + seconds
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(self.seconds, f, indent=1)
-        os.replace(self.path + ".tmp", self.path)
-
-    def timed(self, key: str, done: bool, work):
-        """Run work(); its time counts under `key` unless the result was already on disk (`done`)."""
-        started = time.time()
-        result = work()
-        if not done:
-            self.add(key, time.time() - started)
-        return result
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        report.write_json(self.path, self.seconds)
 
 
-def _train(config_name: str, out: str, overrides: list[str], *, progress: bool) -> str:
-    from .recipe import Recipe
-
-    if _done(out):
-        print(f"[ablations] {os.path.basename(out)}: already trained ({out}/final)")
-        return os.path.join(out, "final")
-    config = load_config(config_name, [f"output_dir={out}"] + overrides)
-    result = Recipe(config, resume=True, progress=progress).run()
-    if result["status"] != "finished":
-        raise KeyboardInterrupt(f"{out} interrupted at step {result['step']}; run the same command again to resume")
-    return result["final"]
-
-
-def _evaluate(model_path: str, cr_items, vqa_items, out_json: str, *, progress: bool) -> dict:
-    from .evaluate import evaluate_cr, evaluate_vqa
-    from .models import enable_compodistill_attention, load_mllm
-
-    if os.path.isfile(out_json):
-        with open(out_json) as f:
-            return json.load(f)
-    mllm = load_mllm(model_path)
-    enable_compodistill_attention(mllm.model.eval(), backend="auto")
-    cr = evaluate_cr(mllm, cr_items, backend=None, progress=progress, batch_size=32)
-    vqa = evaluate_vqa(mllm, vqa_items, backend=None, progress=progress, batch_size=32)
-    result = {"model": model_path, "vqa": vqa["accuracy"], "vqa_count": vqa["count"],
-              "cr": {s: cr["subsets"][s]["two_choice"] for s in CR_SUBSETS},
-              "cr_count": {s: cr["subsets"][s]["count"] for s in CR_SUBSETS},
-              "cr_average": cr["average"]["two_choice"]}
-    tmp = out_json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out_json)
-    return result
-
-
-def run_ablations(root: str = "runs/miniature", *, scale: str = "full", results: str = "results/miniature.md",
-                  seeds=None, progress: bool = True, command: str | None = None) -> dict:
-    """Run (or resume) the whole miniature reproduction and write `results` (+ .json and figures)."""
-    from .data.benchmarks import read_sugarcrepe, read_vqa
-    from .data.synth import generate
-
-    if scale not in SCALES:
-        raise ValueError(f"scale: expected one of {sorted(SCALES)}, got {scale!r}")
-    cfg = SCALES[scale]
-    seeds = tuple(cfg["seeds"] if seeds is None else seeds)
-    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: expected distinct seeds, got {list(seeds)}")
-    os.makedirs(root, exist_ok=True)
-    clock = _Clock(root)
+def _prepare_data(root: str, scale: Scale, clock: Clock, progress: bool) -> str:
     data = os.path.join(root, "data")
     if not os.path.isfile(os.path.join(data, "summary.json")):
-        clock.timed("data", False, lambda: generate(data, seed=0, num_train=cfg["num_train"], num_test=cfg["num_test"],
-                                                    colors=list(COLORS), shapes=list(SHAPES), overwrite=True))
-    vision = os.path.join(root, "vision-pretrain")
-    if not _done(vision):
-        clock.timed("vision", False, lambda: _vision_stage(vision, data, cfg, progress))
+        started = time.time()
+        generate_miniature(data, seed=0, num_train=scale.num_train, num_test=scale.num_test, overwrite=True)
+        clock.add("data", time.time() - started)
+    return data
 
-    common = [f"train.batch_size={cfg['batch']}", f"optim.lr={cfg['lr']}", "train.log_every=25",
-              "data.max_length=512", "checkpoint.every=200", "checkpoint.keep=1", "log.tensorboard=false",
-              f"data.image_folder={data}/images", f"data.json={data}/llava_instruct.json"]
-    out = os.path.join(root, "teacher")
-    teacher = clock.timed("teacher", _done(out), lambda: _train(
-        "teacher-finetune", out, common + [f"model.path={vision}/final", "trainable=[projector,lm]",
-                                           f"train.max_steps={cfg['teacher_steps']}"], progress=progress))
+
+def _prepare_vision(root: str, data: str, scale: Scale, clock: Clock, progress: bool) -> dict:
+    import json
+
+    final = os.path.join(root, "vision", "final")
+    record_path = os.path.join(final, "vision_pretrain.json")
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    started = time.time()
+    with open(os.path.join(data, "summary.json")) as f:
+        vocabulary = json.load(f)["vocabulary"]
+    mllm = build_preset("miniature-teacher", seed=0)
+    record = pretrain_vision_tower(mllm, data, vocabulary, steps=scale.vision_steps, batch_size=64, progress=progress)
+    tmp = final + ".tmp"
+    mllm.save_pretrained(tmp)
+    report.write_json(os.path.join(tmp, "vision_pretrain.json"), record)
+    os.replace(tmp, final)
+    clock.add("vision", time.time() - started)
+    return record
+
+
+def _train(config: StageConfig, clock: Clock, key: str, progress: bool) -> str:
+    result = run_stage(config, resume=True, progress=progress)
+    if result.status == "interrupted":
+        raise KeyboardInterrupt(f"{config.stage} interrupted at step {result.step}; run the same command again "
+                                f"to continue from {result.checkpoint}")
+    if result.status == "finished":
+        clock.add(key, result.seconds)
+    return result.final
+
+
+def _items(cr: dict, limit: int | None) -> list:
+    return [item for subset in CR_SUBSETS for item in cr[subset][:limit]]
+
+
+def _per_seed_record(evaluation: dict, protocol: str) -> dict:
+    return {"cr": evaluation["cr"][protocol], "count": evaluation["count"]}
+
+
+def run_miniature(root: str, *, scale: Scale, variants=VARIANTS, seeds=None, progress: bool = True,
+                  analyse=("KD", "CompoDistill")) -> dict:
+    """Run (or resume) the miniature under `root`; returns the summary (also `<root>/summary.json`)."""
+    started = time.time()
+    seeds = tuple(scale.seeds if seeds is None else seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected distinct non-negative seeds, got {list(seeds)}")
+    os.makedirs(root, exist_ok=True)
+    clock = Clock(root)
+    data = _prepare_data(root, scale, clock, progress)
+    vision = _prepare_vision(root, data, scale, clock, progress)
+    teacher = _train(teacher_config(root, data, scale), clock, "teacher", progress)
 
     cr = read_sugarcrepe(os.path.join(data, "cr"))
-    cr_items = [item for subset in CR_SUBSETS for item in cr[subset][:cfg["cr_limit"]]]
-    vqa_items = read_vqa(os.path.join(data, "vqa", "questions.jsonl"), os.path.join(data, "images"),
-                         os.path.join(data, "vqa", "answers.jsonl"))[:cfg["vqa_limit"]]
+    items, curve_items = _items(cr, scale.cr_items), _items(cr, scale.curve_items)
 
-    def evaluate(path, out_json):
-        return clock.timed("evaluation", os.path.isfile(out_json),
-                           lambda: _evaluate(path, cr_items, vqa_items, out_json, progress=progress))
+    def evaluate(path, out_json, chosen=items, protocols=PROTOCOLS):
+        began = time.time()
+        record = evaluate_saved(path, chosen, out_json, protocols=protocols, progress=progress)
+        if record["seconds"] and time.time() - began > 1:  # loaded from disk: nothing to add
+            clock.add("evaluation", time.time() - began)
+        return record
 
     teacher_eval = evaluate(teacher, os.path.join(root, "teacher", "eval.json"))
-    print(f"[ablations] teacher: swap_att {teacher_eval['cr']['swap_att']:.3f}, "
-          f"replace_rel {teacher_eval['cr']['replace_rel']:.3f}")
-
-    runs = {name: {} for name in VARIANTS}
+    runs = {v.name: {} for v in variants}
+    curves = {v.name: {} for v in variants}
     for seed in seeds:
-        for name, (config_name, overrides) in VARIANTS.items():
-            out = os.path.join(root, f"seed{seed}", _slug(name))
-            path = clock.timed("students", _done(out), lambda: _train(config_name, out, common + overrides + [
-                "model.path=tiny-student", f"model.seed={seed}", f"seed={seed}", f"model.teacher={teacher}",
-                "model.vision_from_teacher=true", f"train.max_steps={cfg['student_steps']}"], progress=progress))
-            runs[name][seed] = evaluate(path, os.path.join(out, "eval.json"))
+        for variant in variants:
+            config = student_config(variant, seed, root, data, teacher, scale)
+            final = _train(config, clock, "students", progress)
+            runs[variant.name][seed] = evaluate(final, os.path.join(config.output_dir, "eval.json"))
+            for step in scale.snapshots:
+                snapshot = os.path.join(config.output_dir, "snapshots", f"step-{step:06d}")
+                curves[variant.name].setdefault(step, {})[seed] = evaluate(
+                    snapshot, os.path.join(snapshot, "eval.json"), chosen=curve_items, protocols=(HEADLINE,))
 
-    started = time.time()  # the analysis is redone on every run: its time replaces the previous one
-    figures = _analysis(root, teacher, runs, seeds[0], cr, vqa_items, cfg["analysis_items"], results)
-    clock.add("analysis", time.time() - started, replace=True)
-    timings = dict(clock.seconds, total=sum(clock.seconds.values()))
-    summary = _summary(teacher_eval, runs, seeds, scale, cfg, timings, figures,
-                       command or "python -m compodistill.train --pipeline ablations")
-    _write_results(results, summary)
-    print(f"[ablations] done ({timings['total'] / 60:.1f} min of work in all runs of this root); wrote {results} and {os.path.splitext(results)[0]}.json")
+    analysis = {}
+    names = [n for n in analyse if n in runs]
+    if names:
+        began = time.time()
+        analysis = _analysis(root, teacher, {n: runs[n][seeds[0]]["model"] for n in names}, cr, scale.analysis_items)
+        clock.add("analysis", time.time() - began)
+    summary = _summary(scale, seeds, teacher, teacher_eval, runs, curves, vision, analysis, clock,
+                       time.time() - started)
+    report.write_json(os.path.join(root, "summary.json"), summary)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------
-# Analysis figures
+# Analysis and summary
 # ---------------------------------------------------------------------------------------------------
 
-def _vqa_prompts(mllm, items):
-    """VQA-type prompts (question with the short-answer instruction) for the layer-similarity analysis;
-    they have no option letter, so their answer probability is not computed."""
-    from .analyze import Prompt
-    from .data.benchmarks import short_answer_prompt
-    from .data.chat import encode_prompt
-    from .data.images import load_image, pixel_values
-
-    prompts = []
-    for item in items:
-        image = pixel_values(mllm.image_processor, [load_image(item.image_path, item.question_id)])
-        ids = encode_prompt(short_answer_prompt(item.question), mllm.tokenizer, mllm.num_image_tokens)
-        prompts.append(Prompt(torch.tensor([ids]), image, None))
-    return prompts
-
-
-def _analysis(root, teacher_path, runs, seed, cr, vqa_items, limit, results_md) -> dict:
-    """compodistill.analyze on the KD and CompoDistill students of `seed` (CR-type items), plus the
-    layer-wise similarity on VQA-type items, and one figure comparing the four curves."""
-    from .analyze import analyze, depth_matches, layer_similarity
-    from .models import enable_compodistill_attention, load_mllm
-
-    out_root = os.path.splitext(results_md)[0]
-    os.makedirs(out_root, exist_ok=True)
-    teacher = load_mllm(teacher_path)
-    enable_compodistill_attention(teacher.model.eval(), backend="auto")
-    # `limit` items taken round-robin over the subsets (the first of each, then the second, ...)
-    cr_items = [cr[s][k] for k in range(limit) for s in CR_SUBSETS if k < len(cr[s])][:limit]
-    curves, files = {}, {}
-    for name in ANALYSED:
-        student = load_mllm(runs[name][seed]["model"])
-        enable_compodistill_attention(student.model.eval(), backend="auto")
-        folder = os.path.join(out_root, f"{_slug(name)}-seed{seed}")
-        result = analyze(teacher, student, cr_items, folder)
-        matches = depth_matches(student, teacher)
-        with torch.inference_mode():
-            vqa = layer_similarity(teacher, student, _vqa_prompts(student, vqa_items[:limit]), matches)
-        curves[f"{name}, CR items"] = result["layer_similarity"]["visual"]
-        curves[f"{name}, VQA items"] = vqa["per_layer"]["visual"]
-        files[name] = {"folder": os.path.relpath(folder, os.path.dirname(results_md) or "."),
-                       "intervention": result["intervention"], "bins": result["bins"]}
-    figure = os.path.join(out_root, "layer_similarity_kd_vs_compodistill.png")
-    _plot_curves(figure, curves)
-    return {"figure": os.path.relpath(figure, os.path.dirname(results_md) or "."), "models": files,
-            "curves": {k: {str(layer): v for layer, v in c.items()} for k, c in curves.items()},
-            "items": {"cr": len(cr_items), "vqa": len(vqa_items[:limit])}}
+def _analysis(root: str, teacher_path: str, students: dict, cr: dict, limit: int) -> dict:
+    """Caption-prompt analyses (layer similarity, answer probability by similarity, intervention) of the
+    named students of the first seed, on `limit` items taken round-robin over the subsets."""
+    teacher = load_for_inference(teacher_path)
+    items = [cr[s][k] for k in range(limit) for s in CR_SUBSETS if k < len(cr[s])][:limit]
+    n_teacher = parts.text_config(teacher).num_hidden_layers
+    out = {}
+    for name, path in students.items():
+        student = load_for_inference(path)
+        n_student = parts.text_config(student).num_hidden_layers
+        # every student layer against the teacher layer at the same relative depth
+        matches = {s: min(n_teacher - 1, round((s + 0.5) * n_teacher / n_student - 0.5)) for s in range(n_student)}
+        result = caption_analysis(teacher, student, items, matches, intervene_layers=VAT.student_layers)
+        out[name] = {"matches": matches, "layer_similarity": result["layer_similarity"],
+                     "bins": bin_by_similarity(result["per_item"]), "intervention": result["intervention"],
+                     "items": len(items)}
+    return out
 
 
-def _plot_curves(path, curves):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, per_layer in curves.items():
-        layers = sorted(per_layer)
-        ax.plot(layers, [per_layer[k] for k in layers], marker="o", linestyle="-" if "CR" in label else "--",
-                label=label)
-    ax.set_xlabel("student layer")
-    ax.set_ylabel("teacher–student cosine (visual keys)")
-    ax.set_title("Visual attention similarity to the teacher")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------------
-
-def _mean_std(values):
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def _binomial_se(p, n):
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
-
-
-def _summary(teacher, runs, seeds, scale, cfg, timings, figures, command) -> dict:
-    rows = {}
+def _summary(scale, seeds, teacher_path, teacher_eval, runs, curves, vision, analysis, clock, seconds) -> dict:
+    subsets = list(CR_SUBSETS)
+    models = {"teacher": {"paths": [teacher_path], **report.aggregate([_per_seed_record(teacher_eval, HEADLINE)], subsets),
+                          "letter_logits": teacher_eval["cr"]["letter_logits"]}}
     for name, by_seed in runs.items():
-        evals = [by_seed[s] for s in seeds]
-        rows[name] = {
-            "cr_average": _mean_std([e["cr_average"] for e in evals]),
-            "vqa": _mean_std([e["vqa"] for e in evals]),
-            "cr": {s: _mean_std([e["cr"][s] for e in evals]) for s in CR_SUBSETS},
-            # Sampling error of one run's subset accuracy over its n items (mean over seeds).
-            "se": {s: sum(_binomial_se(e["cr"][s], e["cr_count"][s]) for e in evals) / len(evals) for s in CR_SUBSETS},
-            "per_seed": {str(s): by_seed[s] for s in seeds},
-        }
-    bar = {s: teacher["cr"][s] >= v for s, v in TEACHER_BAR.items()}
-    sft = rows["SFT"]["cr"]
-    above_sft = {s: teacher["cr"][s] - sft[s][0] for s in TEACHER_BAR}
-    checks = _ordering_checks(teacher, rows)
-    return {"scale": scale, "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-            "seeds": list(seeds), "teacher": teacher, "rows": rows,
-            "teacher_bar": {"thresholds": TEACHER_BAR, "met": bar, "above_sft": above_sft,
-                            "met_all": all(bar.values()) and all(v >= 0.10 for v in above_sft.values())},
-            "checks": checks, "timings_s": timings, "analysis": figures, "command": command,
-            "versions": _versions()}
+        row = report.aggregate([_per_seed_record(by_seed[s], HEADLINE) for s in seeds], subsets)
+        letters = report.aggregate([_per_seed_record(by_seed[s], "letter_logits") for s in seeds], subsets)
+        models[name] = {"paths": [by_seed[s]["model"] for s in seeds], **row,
+                        "letter_logits": letters["cr"], "letter_logits_mean": letters["cr_mean"]}
+    curve_points = {}
+    for name, steps in curves.items():
+        points = {step: report.mean_std(sum(r["cr"][HEADLINE][s] for s in subsets) / len(subsets)
+                                        for r in by_seed.values()) for step, by_seed in steps.items()}
+        final = models[name]
+        points[scale.student_steps] = (final["cr_mean"], final["cr_std"])
+        curve_points[name] = points
+    return {"protocol": HEADLINE, "subsets": subsets, "seconds": seconds, "scale": scale.name, "seeds": list(seeds),
+            "models": models, "curves": {n: {str(k): v for k, v in p.items()} for n, p in curve_points.items()},
+            "claims": check_claims(models), "vision": vision, "analysis": analysis, "timings": clock.seconds,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in scale.__dict__.items()},
+            "versions": report.versions()}
 
 
-def _ordering_checks(teacher, rows) -> list[dict]:
-    """The issue's goal, pair by pair: is the difference of CR averages positive, and larger than the
-    spread across seeds (the larger of the two standard deviations)?"""
-    def row(name):
-        return rows[name]["cr_average"]
-
-    pairs = [("CompoDistill (VAT+TAF)", "KD only", ">"), ("KD only", "SFT", ">="),
-             ("CompoDistill (VAT+TAF)", "TAF only", ">"), ("CompoDistill (VAT+TAF)", "VAT only", ">"),
-             ("CompoDistill (VAT+TAF)", "VAT+TAF, simple matching", ">")]
-    checks = []
-    if "CompoDistill (VAT+TAF)" in rows:
-        c_mean, c_std = row("CompoDistill (VAT+TAF)")
-        checks.append({"claim": "teacher > CompoDistill (VAT+TAF)", "difference": teacher["cr_average"] - c_mean,
-                       "spread": c_std, "holds": teacher["cr_average"] - c_mean > c_std})
-    for a, b, op in pairs:
-        if a not in rows or b not in rows:  # a run restricted to some variants
+def check_claims(models: dict) -> list[dict]:
+    """Each claim of the paper between two rows: the difference of mean CR, the pooled seed std, and
+    whether the difference exceeds twice the pooled std ("beats") or is no lower than minus the pooled
+    std ("not below"); and the teacher above every student."""
+    claims = []
+    for a, b, relation in CLAIMS:
+        if a not in models or b not in models:
             continue
-        (ma, sa), (mb, sb) = row(a), row(b)
-        diff, spread = ma - mb, max(sa, sb)
-        holds = diff > spread if op == ">" else diff >= -spread
-        checks.append({"claim": f"{a} {op} {b}", "difference": diff, "spread": spread, "holds": holds})
-    return checks
+        diff = models[a]["cr_mean"] - models[b]["cr_mean"]
+        pooled = report.pooled_std(models[a]["cr_std"], models[b]["cr_std"])
+        holds = diff > 2 * pooled if relation == "beats" else diff >= -pooled
+        claims.append({"claim": f"{a} {relation} {b}", "difference": diff, "pooled_std": pooled, "holds": holds})
+    best = max((name for name in models if name != "teacher"), key=lambda n: models[n]["cr_mean"], default=None)
+    if best is not None:
+        diff = models["teacher"]["cr_mean"] - models[best]["cr_mean"]
+        claims.append({"claim": f"teacher above the best student ({best})", "difference": diff,
+                       "pooled_std": models[best]["cr_std"], "holds": diff > 0})
+    return claims
 
 
-def _versions() -> dict:
-    import platform
+# ---------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------
 
-    import transformers
+def figures(summary: dict, folder: str) -> dict:
+    """The PNGs of a summary: CR against student steps, layer-wise similarity, answer probability."""
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    curves = {name: {int(step): tuple(v) for step, v in points.items()} for name, points in summary["curves"].items()}
+    out["curves"] = report.plot_curves(os.path.join(folder, "cr_by_student_steps.png"), curves,
+                                       xlabel="student optimizer steps", ylabel=f"mean CR ({summary['protocol']})",
+                                       title="How fast each student learns to bind", chance=0.5)
+    analysis = summary.get("analysis") or {}
+    if analysis:
+        similarity = {name: {int(layer): (value, 0.0) for layer, value in a["layer_similarity"].items()}
+                      for name, a in analysis.items()}
+        out["similarity"] = report.plot_curves(os.path.join(folder, "layer_similarity.png"), similarity,
+                                               xlabel="student layer", ylabel="cosine to the teacher (visual keys)",
+                                               title="Visual attention similarity to the teacher")
+        out["bins"] = report.plot_bins(os.path.join(folder, "answer_probability.png"),
+                                       {name: a["bins"] for name, a in analysis.items()},
+                                       title="True caption preferred, by attention similarity")
+    return out
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpu_threads": torch.get_num_threads()}
 
-
-def _pct(mean_std) -> str:
-    mean, std = mean_std
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def _write_results(path: str, summary: dict) -> None:
-    s = summary
-    lines = [
-        "# Miniature reproduction: CompoDistill's ablations on the procedural benchmark",
-        "",
-        f"Produced by `{s['command']}` (scale `{s['scale']}`), seeds {s['seeds']}, in "
-        f"{s['timings_s']['total'] / 60:.1f} min on {s['versions']['device']} ({s['versions']['cpu_threads']} threads); "
-        f"Python {s['versions']['python']}, torch {s['versions']['torch']}, transformers {s['versions']['transformers']}.",
-        "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in s["timings_s"].items() if k != "total") + ".",
-        "",
-        "Models: teacher tiny-teacher (LM 8×128, GQA 4/2) on a vision tower pre-trained on per-patch attributes; "
-        "students tiny-student (LM 4×64) with the teacher's vision tower, one distillation stage each "
-        f"({s['settings']['student_steps']} steps, batch {s['settings']['batch']}, lr {s['settings']['lr']}), same data "
-        "and initialisation per seed. CR = two-choice accuracy averaged over both option orders (chance 50%), "
-        "on held-out test scenes; VQA = exact match.",
-        "",
-        "## Teacher",
-        "",
-        "| model | VQA | CR avg | " + " | ".join(CR_SUBSETS) + " |",
-        "|---|---:|---:|" + "---:|" * len(CR_SUBSETS),
-        f"| teacher | {100 * s['teacher']['vqa']:.1f} | {100 * s['teacher']['cr_average']:.1f} | "
-        + " | ".join(f"{100 * s['teacher']['cr'][x]:.1f}" for x in CR_SUBSETS) + " |",
-        "",
-    ]
-    bar = s["teacher_bar"]
-    lines.append(
-        f"Teacher bar (swap_att and replace_rel ≥ 75%, and ≥ 10 points above the SFT student): "
-        f"{'met' if bar['met_all'] else 'NOT met'} — swap_att {100 * s['teacher']['cr']['swap_att']:.1f}% "
-        f"({100 * bar['above_sft']['swap_att']:+.1f} vs SFT), replace_rel {100 * s['teacher']['cr']['replace_rel']:.1f}% "
-        f"({100 * bar['above_sft']['replace_rel']:+.1f} vs SFT).")
-    lines += ["", f"## Students: mean ± standard deviation over {len(s['seeds'])} seeds (%)", "",
-              "| model | VQA | CR avg | " + " | ".join(CR_SUBSETS) + " |",
-              "|---|---:|---:|" + "---:|" * len(CR_SUBSETS)]
-    for name, r in s["rows"].items():
-        lines.append(f"| {name} | {_pct(r['vqa'])} | {_pct(r['cr_average'])} | "
-                     + " | ".join(_pct(r["cr"][x]) for x in CR_SUBSETS) + " |")
-    counts = s["teacher"]["cr_count"]
-    lines += ["", "Items per subset: " + ", ".join(f"{x} {counts[x]}" for x in CR_SUBSETS)
-              + f"; VQA {s['teacher']['vqa_count']} questions.", "",
-              "Standard error of one run's subset accuracy (binomial, √(p(1−p)/n), mean over seeds, points):", "",
-              "| model | " + " | ".join(CR_SUBSETS) + " |", "|---|" + "---:|" * len(CR_SUBSETS)]
-    for name, r in s["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r['se'][x]:.1f}" for x in CR_SUBSETS) + " |")
-    lines += ["", "## The paper's ordering, checked (CR average; spread = the larger standard deviation)", "",
-              "| claim | difference (points) | spread (points) | holds beyond the spread |", "|---|---:|---:|---|"]
-    for c in s["checks"]:
-        lines.append(f"| {c['claim']} | {100 * c['difference']:+.1f} | {100 * c['spread']:.1f} | "
+def text_report(summary: dict) -> str:
+    """The tables a run prints: CR per model (mean ± std over seeds), binomial SEs, the claims checked,
+    the layer-wise attention similarity and the intervention."""
+    subsets, models = summary["subsets"], summary["models"]
+    lines = [f"Caption-likelihood CR (%), mean ± std over seeds {summary['seeds']} (teacher: one model):", "",
+             report.cr_table(models, subsets), "",
+             "Binomial standard error of one run's accuracy (points):", "", report.se_table(models, subsets), "",
+             "Letter-logit two-choice protocol (mean CR %, both orders): "
+             + ", ".join(f"{name} {100 * (m.get('letter_logits_mean') or sum(m['letter_logits'].values()) / len(subsets)):.1f}"
+                         for name, m in models.items()), ""]
+    lines += ["| claim | difference (points) | pooled seed std | holds |", "|---|---:|---:|---|"]
+    for c in summary["claims"]:
+        lines.append(f"| {c['claim']} | {100 * c['difference']:+.1f} | {100 * c['pooled_std']:.1f} | "
                      f"{'yes' if c['holds'] else 'no'} |")
-    a = s["analysis"]
-    lines += ["", "## Analysis (seed %d)" % s["seeds"][0], "",
-              f"![layer-wise similarity]({a['figure']})", "",
-              f"Layer-wise cosine similarity of student and teacher visual attention (text query rows), KD vs "
-              f"CompoDistill, on {a['items']['cr']} CR-type and {a['items']['vqa']} VQA-type items. Per model, "
-              "`compodistill.analyze` wrote layer_similarity, answer_probability (probability of the correct option "
-              "against similarity), intervention.json and heatmap.png:", ""]
-    for name, info in a["models"].items():
-        iv = info["intervention"]
-        lines.append(f"- {name}: [{info['folder']}]({info['folder']}) — intervention (teacher/student attention mixed "
-                     f"in layers {iv['layers']}): two-choice {100 * iv['baseline']:.1f}% → {100 * iv['intervened']:.1f}%")
-    lines += ["", "Raw numbers per seed: the JSON file beside this one.", ""]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
-    with open(os.path.splitext(path)[0] + ".json.tmp", "w") as f:
-        json.dump(summary, f, indent=1, default=list)
-    os.replace(os.path.splitext(path)[0] + ".json.tmp", os.path.splitext(path)[0] + ".json")
+    analysis = summary.get("analysis") or {}
+    if analysis:
+        layers = sorted({int(layer) for a in analysis.values() for layer in a["layer_similarity"]})
+        lines += ["", "Visual attention similarity to the teacher per student layer (seed "
+                  f"{summary['seeds'][0]}, cosine over text rows):", "",
+                  "| model | " + " | ".join(f"layer {k}" for k in layers) + " | intervention (CR before → after) |",
+                  "|---|" + "---:|" * len(layers) + "---|"]
+        for name, a in analysis.items():
+            sims = {int(k): v for k, v in a["layer_similarity"].items()}
+            iv = a["intervention"]
+            lines.append(f"| {name} | " + " | ".join(f"{sims[k]:.3f}" for k in layers)
+                         + f" | {100 * iv['baseline']:.1f} → {100 * iv['intervened']:.1f} |")
+    return "\n".join(lines)
 
 
-def command_line(argv) -> str:
-    return "python -m compodistill.train " + " ".join(shlex.quote(a) for a in argv)
+def run_ablations(root: str = "runs/miniature", *, scale: str = "full", results: str = "results/miniature.md",
+                  seeds=None, progress: bool = True, command: str | None = None) -> dict:
+    """Every variant with `scale`'s seeds; writes `results` (Markdown), its .json and figures beside it."""
+    if scale not in SCALES:
+        raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {scale!r}")
+    summary = run_miniature(root, scale=SCALES[scale], variants=VARIANTS, seeds=seeds, progress=progress)
+    folder = os.path.splitext(results)[0]
+    pictures = figures(summary, folder)
+    base = os.path.dirname(results) or "."
+    v, s = summary["versions"], summary["settings"]
+    timings = ", ".join(f"{k} {t / 60:.1f}" for k, t in summary["timings"].items())
+    lines = [
+        "# The miniature: CompoDistill's comparison and ablations on a CPU-sized task", "",
+        f"Produced by `{command or 'python -m compodistill.train --pipeline ablations'}` (scale `{summary['scale']}`, "
+        f"seeds {summary['seeds']}) in {summary['seconds'] / 60:.1f} min of this run (work across resumed runs, "
+        f"min: {timings}), on {v['cores']} CPU cores ({v['cpu']}, torch threads {v['threads']}); Python {v['python']}, "
+        f"torch {v['torch']}, transformers {v['transformers']}.", "",
+        f"Teacher `miniature-teacher` ({s['teacher_steps']} steps), students `miniature-student` "
+        f"({s['student_steps']} steps, batch {s['batch']}, lr {s['lr']}), one distillation stage each, the same "
+        f"initialisation and batches per seed. {s['num_train']} training scenes; CR items from {s['num_test']} "
+        "held-out scenes. CR = caption likelihood (the true caption's summed log-probability beats the "
+        "negative's; SugarCrepe's protocol for matching models; chance 50 %).", "",
+        text_report(summary), "",
+        "The letter-logit protocol asks the paper's two-choice question; these models were trained on captions "
+        "only, never on a question with lettered options, so they answer it at chance: it measures nothing here.", "",
+    ]
+    lines += [f"![{name}]({os.path.relpath(path, base)})" for name, path in pictures.items()] + [""]
+    report.write_text(results, "\n".join(lines))
+    report.write_json(os.path.splitext(results)[0] + ".json", summary)
+    print("\n" + text_report(summary))
+    print(f"\n[ablations] wrote {results}, {os.path.splitext(results)[0]}.json and {folder}/")
+    return summary

@@ -34,6 +34,10 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, "checkpoints", f"step-{step:06d}")
 
 
+def snapshot_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, "snapshots", f"step-{step:06d}")
+
+
 def write_manifest(folder: str, state: dict) -> None:
     """Record every file of `folder` with its size, then the trainer state; written last, atomically."""
     files = {}

@@ -124,8 +124,12 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """every/keep: resumable checkpoints; snapshots: optimizer steps at which the student is also saved in
+    the final model's format, to `<output_dir>/snapshots/step-NNNNNN` (for learning curves)."""
+
     every: int = 500
     keep: int = 2
+    snapshots: list = field(default_factory=list)
 
 
 @dataclass
@@ -265,6 +269,8 @@ def validate(config: StageConfig) -> StageConfig:
     for key, value in positive.items():
         if not value > 0:
             raise ValueError(f"{key}: expected > 0, got {value}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in config.checkpoint.snapshots):
+        raise ValueError(f"checkpoint.snapshots: expected a list of optimizer steps >= 1, got {config.checkpoint.snapshots}")
     if config.train.max_steps is not None and config.train.max_steps < 1:
         raise ValueError(f"train.max_steps: expected >= 1 or null, got {config.train.max_steps}")
     global_batch = config.train.global_batch_size

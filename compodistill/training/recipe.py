@@ -297,6 +297,8 @@ class Recipe:
                         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "lm", "kd", "vat")}
                                         | {"tok/s": f"{record['tokens_per_s']:.0f}"})
                         sums, tokens, micro_batches, started = {}, 0, 0, time.time()
+                    if self.step in cfg.checkpoint.snapshots and self.step < self.total_steps:
+                        self.save_final(checkpoints.snapshot_dir(cfg.output_dir, self.step))
                     if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
                     if self.stop_signal is not None:
@@ -395,11 +397,12 @@ class Recipe:
             # records logged after the checkpoint are logged again by the resumed run
             truncate_metrics(os.path.join(self.config.output_dir, "metrics.jsonl"), self.step)
 
-    def save_final(self) -> str:
-        """The trained student in Hugging Face format (LoRA merged), with tokenizer and processor."""
+    def save_final(self, path: str | None = None) -> str:
+        """The trained student in Hugging Face format (LoRA merged), with tokenizer and processor, to
+        `path` (default `<output_dir>/final`); written to a temporary folder, then renamed."""
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
-        path = cfg.final_dir
+        path = path or cfg.final_dir
         model = acc.unwrap_model(self.distiller).student
         if acc.is_main_process:
             if hasattr(model, "merge_and_unload"):
