@@ -359,9 +359,11 @@ def _load_llava_weights(path: str, dtype):
     (`parts.CHECKPOINT_KEY_MAPPING`), refusing any weight that is missing, unexpected or of the wrong
     shape: a weight transformers would otherwise initialise afresh (or drop) is a ValueError naming it.
     Weights tied to others (an LM head tied to the embeddings) are not missing."""
+    # ignore_mismatched_sizes only turns transformers' own error into an entry of `info`, refused below
+    # with the others.
     model, info = llava_class().from_pretrained(path, dtype=dtype, key_mapping=parts.CHECKPOINT_KEY_MAPPING,
-                                                output_loading_info=True)
-    problems = {kind: sorted(str(key) for key in info.get(kind, ()) or ())
+                                                output_loading_info=True, ignore_mismatched_sizes=True)
+    problems = {kind: sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(kind, ()) or ())
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems or info.get("error_msgs"):
