@@ -50,13 +50,18 @@ LOSSES = ("cosine", "mse", "kl")
 MATCHINGS = ("simple", "group", "adaptive")
 LAYER_REDUCTIONS = ("mean", "sum")
 
-# The authors' DistillTrainer picks its layers from a table keyed by depth (0-based indices). Students
-# take 7 layers; a teacher of depth d takes 7 windows [i, i + n) for i in its start list, i.e. the layers
-# start .. start + 6 + n − 1, which "group" matching over 7 student layers cuts back into exactly those
-# windows (n = m − k + 1). Depth 32 appears on the teacher side only, depth 40 on both.
-CODE_STUDENT_LAYERS = {24: (8, 14), 28: (9, 15), 40: (13, 19)}          # inclusive ranges
-CODE_TEACHER_WINDOWS = {24: (8, 2), 28: (9, 3), 32: (11, 3), 40: (13, 5)}  # first window start, n
-CODE_TEACHER_LAYERS = {depth: (start, start + 6 + n - 1) for depth, (start, n) in CODE_TEACHER_WINDOWS.items()}
+# The authors' DistillTrainer picks its layers from a table keyed by depth (0-based indices): seven
+# consecutive layers from a first layer per depth; a teacher takes the windows [i, i + n) starting at
+# each of them, n per depth. Its student side lists depths 24, 28 and 40, its teacher side 24, 28, 32
+# and 40, with the same seven layers wherever a depth is on both sides; this library also gives a
+# 32-layer student the seven layers its teacher side lists (11..17). "group" matching of 7 student
+# layers against the teacher layers first .. first + 6 + n − 1 gives exactly the authors' windows
+# (n = m − k + 1).
+CODE_FIRST_LAYER = {24: 8, 28: 9, 32: 11, 40: 13}
+CODE_TEACHER_WINDOW = {24: 2, 28: 3, 32: 3, 40: 5}
+CODE_STUDENT_LAYERS = {depth: (first, first + 6) for depth, first in CODE_FIRST_LAYER.items()}   # inclusive
+CODE_TEACHER_LAYERS = {depth: (first, first + 6 + CODE_TEACHER_WINDOW[depth] - 1)
+                       for depth, first in CODE_FIRST_LAYER.items()}
 # Depths outside the table: the 24-layer student's and 40-layer teacher's ranges as fractions of depth.
 CODE_FALLBACK_FRACTIONS = {"student": (8 / 24, 14 / 24), "teacher": (13 / 40, 23 / 40)}
 CODE_LAYERS = "code"  # the layer spec that selects the table above
@@ -69,8 +74,9 @@ class VATConfig:
     student_layers / teacher_layers: a band ("early", "intermediate", "later", "all"), an explicit list
         of 0-based layer indices, {"start": a, "end": b} (inclusive), {"fraction": [lo, hi]}: layers
         round(lo·N) … round(hi·N), or "code": the authors' depth table (student 24 → 8..14, 28 → 9..15,
-        40 → 13..19; teacher 24 → 8..15, 28 → 9..17, 32 → 11..19, 40 → 13..23), and for a depth the
-        table lacks the fraction [8/24, 14/24] (student) or [13/40, 23/40] (teacher) of it.
+        32 → 11..17, 40 → 13..19; teacher 24 → 8..15, 28 → 9..17, 32 → 11..19, 40 → 13..23, which group
+        matching cuts into windows of 2, 3, 3 and 5 layers), and for a depth the table lacks the
+        fraction [8/24, 14/24] (student) or [13/40, 23/40] (teacher) of it.
     matching: "group" (sliding window of n = m − k + 1 teacher layers, averaged), "simple" (one teacher
         layer per student layer by depth ratio) or "adaptive" (most similar teacher layer, monotone in
         depth, picked on the first batch).

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from .model_helpers import eager_copy
 
-# The authors' table (0-based): student depth -> its 7 layers; teacher depth -> (window starts, n).
-AUTHORS_STUDENT = {24: list(range(8, 15)), 28: list(range(9, 16)), 40: list(range(13, 20))}
+# The authors' table (0-based): student depth -> its 7 layers; teacher depth -> (window starts, n). Their
+# student side has no 32; the library documents that a 32-layer student takes the teacher side's 11..17.
+AUTHORS_STUDENT = {24: list(range(8, 15)), 28: list(range(9, 16)), 32: list(range(11, 18)), 40: list(range(13, 20))}
 AUTHORS_TEACHER = {24: (list(range(8, 15)), 2), 28: (list(range(9, 16)), 3), 32: (list(range(11, 18)), 3),
                    40: (list(range(13, 20)), 5)}
 
