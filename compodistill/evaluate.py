@@ -110,13 +110,31 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+@contextmanager
+def _greedy_generation(mllm, max_new_tokens: int):
+    """Plain greedy decoding with a KV cache, stopping at an end-of-turn token: yields the
+    GenerationConfig to pass to generate(). transformers fills every field a passed config leaves unset
+    from model.generation_config, so that is replaced by a default one for the call: a checkpoint's
+    generation_config.json (sampling, repetition penalty, ...) cannot change the protocol."""
+    from transformers import GenerationConfig
+
+    model = mllm.model
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                               pad_token_id=mllm.tokenizer.pad_token_id,
+                               eos_token_id=stop_token_ids(mllm.tokenizer))
+    finally:
+        model.generation_config = saved
+
+
 def _generate(mllm, prompts, pixels, max_new_tokens: int) -> list[str]:
     """Greedy answers to left-padded prompts, decoded without special tokens and stripped."""
     input_ids, mask = _left_pad(prompts, mllm.tokenizer.pad_token_id, pixels.device)
-    out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=mllm.tokenizer.pad_token_id,
-                              eos_token_id=stop_token_ids(mllm.tokenizer))
+    with _greedy_generation(mllm, max_new_tokens) as config:
+        out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                                  generation_config=config)
     new_tokens = out[:, input_ids.shape[1]:]
     return [text.strip() for text in mllm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -184,13 +202,11 @@ def _generate_choices(mllm, prompts, pixels, max_new_tokens: int):
     from transformers import StoppingCriteriaList
 
     input_ids, mask = _left_pad(prompts, mllm.tokenizer.pad_token_id, pixels.device)
-    out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=mllm.tokenizer.pad_token_id,
-                              eos_token_id=stop_token_ids(mllm.tokenizer),
-                              stopping_criteria=StoppingCriteriaList([_ChoiceSettled(mllm.tokenizer,
-                                                                                     input_ids.shape[1])]),
-                              output_logits=True, return_dict_in_generate=True)
+    settled = StoppingCriteriaList([_ChoiceSettled(mllm.tokenizer, input_ids.shape[1])])
+    with _greedy_generation(mllm, max_new_tokens) as config:
+        out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                                  generation_config=config, stopping_criteria=settled, output_logits=True,
+                                  return_dict_in_generate=True)
     answers = mllm.tokenizer.batch_decode(out.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
     return [answer.strip() for answer in answers], out.logits[0].float()
 

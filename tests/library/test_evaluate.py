@@ -6,6 +6,7 @@ a tiny model whose logits are rigged by a forward hook, so the expected metrics 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -390,6 +391,20 @@ def test_generate_protocol_equals_one_prompt_at_a_time_full_generation(student, 
             assert record[f"choice_{order}"] == parse_choice(text)
             assert text.startswith(record[f"answer_{order}"])
             assert record[f"margin_{order}"] == pytest.approx((logits[token_a] - logits[token_b]).item(), abs=1e-4)
+
+
+def test_a_checkpoints_generation_config_does_not_change_the_protocol(student, bench):
+    items = _cr_items(bench)["replace_att"][:2]
+    plain = evaluate_cr(student, items, protocols=("generate",), backend="torch", progress=False, details=True)
+    saved = student.model.generation_config
+    student.model.generation_config = copy.deepcopy(saved)
+    student.model.generation_config.update(do_sample=True, temperature=3.0, repetition_penalty=5.0, max_new_tokens=2)
+    try:
+        changed = evaluate_cr(student, items, protocols=("generate",), backend="torch", progress=False, details=True)
+    finally:
+        student.model.generation_config = saved
+    assert [r["answer_positive_as_a"] for r in changed["items"]] == [r["answer_positive_as_a"] for r in plain["items"]]
+    assert [r["answer_positive_as_b"] for r in changed["items"]] == [r["answer_positive_as_b"] for r in plain["items"]]
 
 
 def test_protocols_are_checked(student, bench):
