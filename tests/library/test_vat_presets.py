@@ -1,16 +1,17 @@
 """The two VAT presets equal independent references computed from transformers' eager attention maps.
 
 `code` must equal the authors' DistillTrainer (tests/library/vat_reference.py: authors_code_vat) and
-`paper` the paper's formula (paper_vat), in loss and in every student gradient, on depths and shapes the
+`paper` the paper's formula (paper_rows), in loss and in every student gradient, on depths and shapes the
 other tests do not use: a 6-layer student against a 10-layer teacher (outside the authors' depth table,
 so the documented fraction scaling) and a 24-layer student against a 40-layer teacher at tiny widths
 (the authors' own pairing), with left and right padding and prompts of different lengths.
 
-The torch backend runs in float64 (tolerances 1e-9 on the loss, 1e-7 on gradients: far below the 1e-4 /
-1e-3 asked, and what float64 leaves of summation-order differences). Triton has no float64, so the
-triton backend runs in float32 under the interpreter against the float64 reference of the same
-weights; there the tolerances are 1e-4 (loss) and 1e-3 (gradients), the float32 rounding of a
-64-layer forward and backward with room to spare (measured worst cases are in docs/fidelity.md).
+The torch backend runs in float64. Its tolerances, 1e-6 on the losses and 1e-5 on the gradients (tighter
+than the 1e-4 / 1e-3 asked of the presets), sit about ten times above the measured worst cases (1.2e-7,
+8.5e-7): the reference cannot do better than that, as transformers' eager attention takes its softmax
+in float32 even for a float64 model. Triton has no float64, so the triton backend runs in float32
+under the interpreter against the float64 reference of the same weights, at 1e-4 (losses) and 1e-3
+(gradients); measured worst cases 2.6e-6 and 4.5e-6 (docs/fidelity.md has the table).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ PAIRS = {
               dict(num_hidden_layers=40, hidden_size=48, intermediate_size=64, num_attention_heads=4,
                    num_key_value_heads=2)),
 }
-TOLERANCES = {torch.float64: (1e-4, 1e-3), torch.float32: (1e-4, 1e-3)}
+TOLERANCES = {torch.float64: (1e-6, 1e-5), torch.float32: (1e-4, 1e-3)}
 
 
 @functools.lru_cache(maxsize=None)
