@@ -167,7 +167,7 @@ def choice_settled(text: str) -> bool:
     """True when no continuation of `text` can change parse_choice(text): its first standalone letter
     is followed by a character that ends the word. A trailing U+FFFD (a multi-byte character whose
     first bytes alone were decoded) is not yet a character, so it settles nothing."""
-    text = text.strip().upper().rstrip("\ufffd")
+    text = text.lstrip().upper().rstrip("\ufffd")
     match = _CHOICE.search(text)
     return match is not None and match.end() < len(text)
 

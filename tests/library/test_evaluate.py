@@ -219,7 +219,7 @@ def test_parse_choice_takes_the_first_standalone_letter(text, expected):
 
 
 @pytest.mark.parametrize("text, settled", [
-    ("A", False), ("A.", True), ("A ", False), ("A red", True), ("B)", True), ("Ap", False), ("Apple", False),
+    ("A", False), ("A.", True), ("A ", True), (" A", False), ("A red", True), ("B)", True), ("Ap", False), ("Apple", False),
     ("Apple B", False), ("Apple B,", True), ("A\ufffd", False), ("", False), ("red", False),
 ], ids=lambda x: repr(x))
 def test_choice_is_settled_only_when_no_continuation_can_change_it(text, settled):
