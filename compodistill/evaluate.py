@@ -1,11 +1,13 @@
 """`python -m compodistill.evaluate`: the paper's evaluation protocols on a model.
 
-- Compositional reasoning (SugarCrepe format): the two-choice prompt "Which caption best describes the
-  image? (A) … (B) … Answer with the option's letter.", asked with the true caption as (A) and again as
-  (B); in each order the answer is whichever of the letter tokens "A" and "B" has the larger next-token
-  logit, and an item scores the mean over the two orders. Alongside: likelihood ranking, correct when
-  the true caption has a larger summed log-probability than the negative as the answer to "Describe
-  the image.".
+- Compositional reasoning (SugarCrepe format), three protocols (`evaluate_cr`):
+  "generate", the paper's and the headline: the authors' prompt "Which caption best describes the
+  image?\n(A) …\n (B) …\nAnswer with the option's alphabet from the given choices directly." asked with
+  the true caption as (A) and again as (B), greedy generation of up to 32 tokens, the first standalone
+  A or B of the output is the answer (none: wrong), a subset's score is the mean of the two orders and
+  the headline the unweighted mean over subsets; "letter_logits": the same prompts, the letter with
+  the larger next-token logit; "likelihood": the true caption is more probable than the negative as
+  the answer to "Describe the image.".
 - VQA (LLaVA question files): greedy short answers, exact match after the standard VQA answer
   normalisation against any acceptable answer.
 - Yes/no hallucination: greedy answers parsed to yes/no; precision, recall and F1 with "yes" positive.
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 
 from compodistill_kernels import BACKENDS
 
-from .data.benchmarks import (SHORT_ANSWER_PROMPT, TWO_CHOICE_PROMPT, default_image_folder, read_sugarcrepe, read_vqa,
+from .data.benchmarks import (CR_PROMPT, SHORT_ANSWER_PROMPT, default_image_folder, read_sugarcrepe, read_vqa,
                               read_yes_no, short_answer_prompt)
 from .data.chat import encode_prompt, tokenize_conversation
 from .data.images import load_image, pixel_values
@@ -108,13 +110,31 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+@contextmanager
+def _greedy_generation(mllm, max_new_tokens: int):
+    """Plain greedy decoding with a KV cache, stopping at an end-of-turn token: yields the
+    GenerationConfig to pass to generate(). transformers fills every field a passed config leaves unset
+    from model.generation_config, so that is replaced by a default one for the call: a checkpoint's
+    generation_config.json (sampling, repetition penalty, ...) cannot change the protocol."""
+    from transformers import GenerationConfig
+
+    model = mllm.model
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                               pad_token_id=mllm.tokenizer.pad_token_id,
+                               eos_token_id=stop_token_ids(mllm.tokenizer))
+    finally:
+        model.generation_config = saved
+
+
 def _generate(mllm, prompts, pixels, max_new_tokens: int) -> list[str]:
     """Greedy answers to left-padded prompts, decoded without special tokens and stripped."""
     input_ids, mask = _left_pad(prompts, mllm.tokenizer.pad_token_id, pixels.device)
-    out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=mllm.tokenizer.pad_token_id,
-                              eos_token_id=stop_token_ids(mllm.tokenizer))
+    with _greedy_generation(mllm, max_new_tokens) as config:
+        out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                                  generation_config=config)
     new_tokens = out[:, input_ids.shape[1]:]
     return [text.strip() for text in mllm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -127,6 +147,31 @@ def _progress(total, desc, progress):
 # Compositional reasoning
 # ---------------------------------------------------------------------------------------------------
 
+CR_PROTOCOLS = ("generate", "letter_logits", "likelihood")
+CR_MAX_NEW_TOKENS = 32
+_CHOICE = re.compile(r"\b([AB])\b")
+
+
+def parse_choice(text: str) -> str | None:
+    """The option an answer picks: its first standalone "A" or "B", None if there is none.
+
+    As the authors' SugarCrepe script reads answers: the text is stripped and upper-cased first, so a
+    lower-case "a" counts as A ("a red circle" → "A"); "(B)", "B.", "The answer is B" → "B"; "AB",
+    "Apple", "" → None.
+    """
+    match = _CHOICE.search(text.strip().upper())
+    return match.group(1) if match else None
+
+
+def choice_settled(text: str) -> bool:
+    """True when no continuation of `text` can change parse_choice(text): its first standalone letter
+    is followed by a character that ends the word. A trailing U+FFFD (a multi-byte character whose
+    first bytes alone were decoded) is not yet a character, so it settles nothing."""
+    text = text.lstrip().upper().rstrip("\ufffd")
+    match = _CHOICE.search(text)
+    return match is not None and match.end() < len(text)
+
+
 def letter_token_ids(tokenizer) -> tuple[int, int]:
     """The first tokens of the answers "A" and "B" (the assistant's first token when it answers)."""
     a = tokenizer("A", add_special_tokens=False)["input_ids"]
@@ -134,6 +179,36 @@ def letter_token_ids(tokenizer) -> tuple[int, int]:
     if not a or not b or a[0] == b[0]:
         raise ValueError("tokenizer: the answers 'A' and 'B' do not start with two distinct tokens")
     return a[0], b[0]
+
+
+class _ChoiceSettled:
+    """Stopping criterion for generate(): a row is done once its answer's choice is settled."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([choice_settled(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_choices(mllm, prompts, pixels, max_new_tokens: int):
+    """Greedy answers to the two-choice prompts: (answers, first-step logits (B, V) float32).
+
+    One batched, KV-cached generate() call; a row stops at an end-of-turn token or as soon as its choice
+    is settled (`choice_settled`), and the call ends when every row has stopped, so the parsed choice is
+    the one a full `max_new_tokens` generation would give.
+    """
+    from transformers import StoppingCriteriaList
+
+    input_ids, mask = _left_pad(prompts, mllm.tokenizer.pad_token_id, pixels.device)
+    settled = StoppingCriteriaList([_ChoiceSettled(mllm.tokenizer, input_ids.shape[1])])
+    with _greedy_generation(mllm, max_new_tokens) as config:
+        out = mllm.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                                  generation_config=config, stopping_criteria=settled, output_logits=True,
+                                  return_dict_in_generate=True)
+    answers = mllm.tokenizer.batch_decode(out.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [answer.strip() for answer in answers], out.logits[0].float()
 
 
 def _caption_answer(mllm, caption, sample_id):
@@ -165,79 +240,140 @@ def _answer_log_probs(mllm, sequences, answer_lengths, pixels):
     return token_log_probs.masked_fill(~counted, 0.0).sum(-1)
 
 
-def _cr_metrics(records) -> dict:
+def _cr_metrics(records, protocols) -> dict:
+    """Accuracy per protocol (two-choice ones: the mean of the two orders), per-order accuracies, the
+    generate protocol's unparsed answers and the item count."""
     n = len(records)
-    as_a = sum(r["positive_as_a"] for r in records) / n
-    as_b = sum(r["positive_as_b"] for r in records) / n
-    return {"two_choice": (as_a + as_b) / 2, "likelihood": sum(r["likelihood"] for r in records) / n,
-            "positive_as_a": as_a, "positive_as_b": as_b, "count": n}
+    metrics, orders = {}, {}
+    for protocol in protocols:
+        if protocol == "likelihood":
+            metrics[protocol] = sum(r["correct"]["likelihood"] for r in records) / n
+            continue
+        as_a = sum(r["correct"][protocol][0] for r in records) / n
+        as_b = sum(r["correct"][protocol][1] for r in records) / n
+        metrics[protocol] = (as_a + as_b) / 2
+        orders[protocol] = {"positive_as_a": as_a, "positive_as_b": as_b}
+    if "generate" in protocols:
+        metrics["generate_unparsed"] = sum((r["choice_positive_as_a"] is None) + (r["choice_positive_as_b"] is None)
+                                           for r in records)
+    return {**metrics, "orders": orders, "count": n}
 
 
-def evaluate_cr(mllm, items, *, batch_size: int = 8, backend: str | None = "auto", progress: bool = True,
-                details: bool = False) -> dict:
-    """Two-choice and likelihood-ranking accuracy on compositional-reasoning items.
+def _check_protocols(protocols) -> tuple:
+    if isinstance(protocols, str) or not isinstance(protocols, (list, tuple)) or not protocols:
+        raise ValueError(f"protocols: expected a non-empty list of {CR_PROTOCOLS}, got {protocols!r}")
+    unknown = [p for p in protocols if p not in CR_PROTOCOLS]
+    if unknown or len(set(protocols)) != len(protocols):
+        raise ValueError(f"protocols: expected distinct names from {CR_PROTOCOLS}, got {list(protocols)!r}")
+    return tuple(protocols)
+
+
+def evaluate_cr(mllm, items, *, protocols=CR_PROTOCOLS, prompt: str = CR_PROMPT,
+                max_new_tokens: int = CR_MAX_NEW_TOKENS, batch_size: int = 8, backend: str | None = "auto",
+                progress: bool = True, details: bool = False) -> dict:
+    """Compositional-reasoning accuracy on two-caption items, by up to three protocols.
+
+    - "generate" (the paper's, the headline by default): `prompt` (the authors' SugarCrepe prompt,
+      `CR_PROMPT`) after the image, through the model's chat template; greedy generation of at most
+      `max_new_tokens` (32) tokens; the answer is `parse_choice` of the output (its first standalone A
+      or B, case-insensitive as in the authors' script) and an unparsed answer is wrong. Asked with the
+      true caption as (A) and again as (B); an item's score is the mean of the two orders.
+    - "letter_logits": the same prompts in both orders; an order is right when the next-token logit of
+      the letter of the true caption exceeds the other letter's (a tie is wrong in both orders), read
+      from the first step of the same generation.
+    - "likelihood": the summed log-probability of each caption (and the end-of-turn token) as the
+      assistant's answer to "Describe the image."; right when the true caption's is the higher.
 
     Args:
         mllm: an `MLLM` (model, tokenizer, image processor).
         items: CRItems (a list, or read_sugarcrepe's {subset: [items]}).
+        protocols: a non-empty list of names from CR_PROTOCOLS; the first is the headline.
+        prompt: the two-choice question with {first} and {second} placeholders.
+        max_new_tokens: the generation limit of the generate protocol (32).
         batch_size: sequences per forward pass (each item needs two: both orders, or both captions).
         backend: compodistill attention backend to enable on the model first ("auto", "torch",
             "triton"), or None to leave the model's attention as it is.
         progress: show a tqdm bar.
         details: also return every item's record under "items".
 
-    Returns {"subsets": {name: metrics}, "overall": metrics over all items, "average": the unweighted
-    mean over subsets, "protocol": the prompts}, where metrics = {"two_choice", "likelihood",
-    "positive_as_a", "positive_as_b", "count"}. two_choice is the mean of the two per-order accuracies:
-    in the order with the true caption as (A) the answer is correct iff logit("A") > logit("B"), as (B)
-    iff logit("B") > logit("A") (a tie is wrong in both). A model that always says "A" scores
-    positive_as_a = 1, positive_as_b = 0, two_choice = 0.5.
+    Returns {"subsets": {name: metrics}, "average": the unweighted mean over subsets of each protocol's
+    accuracy (the paper's headline), "overall": metrics over all items, "headline": {"protocol",
+    "value"}, "generate_unparsed": unparsed generated answers over both orders (if generate ran),
+    "protocols": what each protocol asked}. metrics = {<protocol>: accuracy for each protocol,
+    "generate_unparsed", "orders": {<two-choice protocol>: {"positive_as_a", "positive_as_b"}},
+    "count"}. A model that always answers "A" scores positive_as_a = 1, positive_as_b = 0, 0.5.
     """
     if isinstance(items, dict):
         items = [item for group in items.values() for item in group]
+    protocols = _check_protocols(protocols)
+    if not isinstance(prompt, str) or "{first}" not in prompt or "{second}" not in prompt:
+        raise ValueError(f"prompt: expected a string with {{first}} and {{second}} placeholders, got {prompt!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
     _prepare(mllm, items, backend, batch_size)
     token_a, token_b = letter_token_ids(mllm.tokenizer)
     tokenizer, n_image = mllm.tokenizer, mllm.num_image_tokens
+    two_choice = "generate" in protocols or "letter_logits" in protocols
     records = []
     with _inference(mllm.model), _progress(len(items), "CR", progress) as bar:
         for chunk in _chunks(items, max(1, batch_size // 2)):
             ids = [f"{item.subset}/{item.id}" for item in chunk]
             pixels = _pixels(mllm, chunk, ids).repeat_interleave(2, 0)
-            prompts = []
-            for item in chunk:
-                for first, second in ((item.caption, item.negative), (item.negative, item.caption)):
-                    prompts.append(encode_prompt(TWO_CHOICE_PROMPT.format(first=first, second=second),
-                                                 tokenizer, n_image))
-            last = _forward_logits(mllm, prompts, pixels, keep=1)[:, -1]
-            margin = (last[:, token_a] - last[:, token_b]).view(-1, 2).tolist()  # logit A − logit B
-
-            answers, lengths = [], []
-            for item, sample_id in zip(chunk, ids):
-                for caption in (item.caption, item.negative):
-                    sequence, n = _caption_answer(mllm, caption, sample_id)
-                    answers.append(sequence)
-                    lengths.append(n)
-            log_probs = _answer_log_probs(mllm, answers, lengths, pixels).view(-1, 2).tolist()
-
-            for item, (m_a, m_b), (lp_pos, lp_neg) in zip(chunk, margin, log_probs):
-                records.append({"subset": item.subset, "id": item.id, "positive_as_a": m_a > 0,
-                                "positive_as_b": m_b < 0, "likelihood": lp_pos > lp_neg,
-                                "margin_positive_as_a": m_a, "margin_positive_as_b": m_b,
-                                "log_prob_positive": lp_pos, "log_prob_negative": lp_neg})
+            chunk_records = [{"subset": item.subset, "id": item.id, "correct": {}} for item in chunk]
+            if two_choice:
+                prompts = [encode_prompt(prompt.format(first=first, second=second), tokenizer, n_image)
+                           for item in chunk
+                           for first, second in ((item.caption, item.negative), (item.negative, item.caption))]
+                if "generate" in protocols:
+                    answers, first_logits = _generate_choices(mllm, prompts, pixels, max_new_tokens)
+                else:
+                    answers, first_logits = None, _forward_logits(mllm, prompts, pixels, keep=1)[:, -1]
+                margins = (first_logits[:, token_a] - first_logits[:, token_b]).view(-1, 2).tolist()
+                for row, record in enumerate(chunk_records):
+                    m_a, m_b = margins[row]
+                    record.update(margin_positive_as_a=m_a, margin_positive_as_b=m_b)
+                    if "letter_logits" in protocols:
+                        record["correct"]["letter_logits"] = (m_a > 0, m_b < 0)
+                    if answers is not None:
+                        choice_a, choice_b = parse_choice(answers[2 * row]), parse_choice(answers[2 * row + 1])
+                        record.update(answer_positive_as_a=answers[2 * row], answer_positive_as_b=answers[2 * row + 1],
+                                      choice_positive_as_a=choice_a, choice_positive_as_b=choice_b)
+                        record["correct"]["generate"] = (choice_a == "A", choice_b == "B")
+            if "likelihood" in protocols:
+                sequences, lengths = [], []
+                for item, sample_id in zip(chunk, ids):
+                    for caption in (item.caption, item.negative):
+                        sequence, n = _caption_answer(mllm, caption, sample_id)
+                        sequences.append(sequence)
+                        lengths.append(n)
+                log_probs = _answer_log_probs(mllm, sequences, lengths, pixels).view(-1, 2).tolist()
+                for record, (lp_pos, lp_neg) in zip(chunk_records, log_probs):
+                    record.update(log_prob_positive=lp_pos, log_prob_negative=lp_neg)
+                    record["correct"]["likelihood"] = lp_pos > lp_neg
+            records += chunk_records
             bar.update(len(chunk))
 
     by_subset = defaultdict(list)
     for record in records:
         by_subset[record["subset"]].append(record)
-    subsets = {name: _cr_metrics(group) for name, group in sorted(by_subset.items())}
-    keys = ("two_choice", "likelihood", "positive_as_a", "positive_as_b")
+    subsets = {name: _cr_metrics(group, protocols) for name, group in sorted(by_subset.items())}
+    average = {p: sum(s[p] for s in subsets.values()) / len(subsets) for p in protocols}
+    described = {
+        "generate": {"prompt": prompt, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+                     "answer": "first standalone A or B of the upper-cased output; none is wrong"},
+        "letter_logits": {"prompt": prompt, "answer": "larger next-token logit of the letters A and B"},
+        "likelihood": {"prompt": DESCRIBE_PROMPT,
+                       "answer": "larger summed log-probability of the caption as the answer"},
+    }
     result = {
         "subsets": subsets,
-        "overall": _cr_metrics(records),
-        "average": {**{k: sum(s[k] for s in subsets.values()) / len(subsets) for k in keys},
-                    "subsets": len(subsets)},
-        "protocol": {"two_choice": TWO_CHOICE_PROMPT, "likelihood": DESCRIBE_PROMPT},
+        "average": {**average, "subsets": len(subsets)},
+        "overall": _cr_metrics(records, protocols),
+        "headline": {"protocol": protocols[0], "value": average[protocols[0]]},
+        "protocols": {p: described[p] for p in protocols},
     }
+    if "generate" in protocols:
+        result["generate_unparsed"] = result["overall"]["generate_unparsed"]
     if details:
         result["items"] = records
     return result
@@ -396,21 +532,46 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}"
 
 
+_PROTOCOL_TITLES = {"generate": "generate", "letter_logits": "letter logits", "likelihood": "likelihood"}
+
+
+def _cr_markdown(cr: dict) -> list[str]:
+    protocols = [p for p in CR_PROTOCOLS if p in cr["average"]]
+    headline = cr["headline"]["protocol"]
+    titles = [_PROTOCOL_TITLES[p] + (" (headline)" if p == headline else "") for p in protocols]
+    unparsed = "generate" in protocols
+    lines = ["## Compositional reasoning", "",
+             f"Headline: **{_pct(cr['headline']['value'])} %**, the {_PROTOCOL_TITLES[headline]} protocol "
+             "averaged over subsets (unweighted). Accuracies in percent; each column is one protocol:", ""]
+    legend = {
+        "generate": "greedy answer (up to {max_new_tokens} tokens) to the two-choice prompt, asked with the "
+                    "true caption as (A) and as (B); the first standalone A or B (either case) is the answer, "
+                    "none is wrong; mean of the two orders",
+        "letter_logits": "the same prompts; the letter with the larger next-token logit; mean of the two orders",
+        "likelihood": "the true caption has the larger summed log-probability as the answer to "
+                      "\"Describe the image.\"",
+    }
+    for p in protocols:
+        lines.append(f"- {_PROTOCOL_TITLES[p]}: " + legend[p].format(**cr["protocols"][p]))
+    lines += ["", "| subset | " + " | ".join(titles) + (" | unparsed (generate) |" if unparsed else " |") + " n |",
+              "|---|" + "---:|" * (len(protocols) + unparsed + 1)]
+    total = sum(s["count"] for s in cr["subsets"].values())
+    rows = list(cr["subsets"].items()) + [("**average** (over subsets)", {**cr["average"], "count": total}),
+                                          ("overall (all items)", cr["overall"])]
+    for name, m in rows:
+        cells = [_pct(m[p]) for p in protocols]
+        if unparsed:
+            cells.append(str(m.get("generate_unparsed", cr["overall"]["generate_unparsed"])))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['count']} |")
+    lines.append("")
+    return lines
+
+
 def markdown_report(results: dict, model: str) -> str:
     """Markdown tables of `results` ({"cr"?, "vqa"?, "hallucination"?}), accuracies in percent."""
     lines = [f"# Evaluation of `{model}`", ""]
     if "cr" in results:
-        cr = results["cr"]
-        lines += ["## Compositional reasoning", "",
-                  "| subset | two-choice | likelihood | true caption as (A) | true caption as (B) | n |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        rows = list(cr["subsets"].items()) + [("**average** (over subsets)", cr["average"]),
-                                              ("overall (all items)", cr["overall"])]
-        for name, m in rows:
-            count = m.get("count", sum(s["count"] for s in cr["subsets"].values()))
-            lines.append(f"| {name} | {_pct(m['two_choice'])} | {_pct(m['likelihood'])} | "
-                         f"{_pct(m['positive_as_a'])} | {_pct(m['positive_as_b'])} | {count} |")
-        lines.append("")
+        lines += _cr_markdown(results["cr"])
     if "vqa" in results:
         vqa = results["vqa"]
         lines += ["## VQA", "", "| category | accuracy | n |", "|---|---:|---:|",
@@ -450,6 +611,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="eval_results", help="output folder (default ./eval_results)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=10, help="answer length limit for VQA and yes/no")
+    p.add_argument("--cr-protocols", default=",".join(CR_PROTOCOLS),
+                   help="comma-separated CR protocols, the first is the headline (default: "
+                        f"{','.join(CR_PROTOCOLS)})")
+    p.add_argument("--cr-max-new-tokens", type=int, default=CR_MAX_NEW_TOKENS,
+                   help=f"answer length limit of the CR generate protocol (default {CR_MAX_NEW_TOKENS})")
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each subset / file")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="attention kernels backend (default auto: triton on CUDA, torch otherwise)")
@@ -461,7 +627,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.cr or args.vqa or args.hallucination):
         p.error("nothing to evaluate: give at least one of --cr DIR, --vqa FILE, --hallucination FILE")
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    protocols = [p.strip() for p in args.cr_protocols.split(",") if p.strip()]
+    if not protocols or any(name not in CR_PROTOCOLS for name in protocols) or len(set(protocols)) != len(protocols):
+        p.error(f"--cr-protocols: expected distinct names from {','.join(CR_PROTOCOLS)}, got {args.cr_protocols!r}")
+    args.cr_protocols = protocols
+    for name in ("batch_size", "max_new_tokens", "cr_max_new_tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
@@ -498,7 +668,8 @@ def main(argv=None) -> int:
     common = dict(batch_size=args.batch_size, backend=None)
     results = {}
     if "cr" in benchmarks:
-        results["cr"] = evaluate_cr(mllm, benchmarks["cr"], **common)
+        results["cr"] = evaluate_cr(mllm, benchmarks["cr"], protocols=args.cr_protocols,
+                                    max_new_tokens=args.cr_max_new_tokens, **common)
     if "vqa" in benchmarks:
         results["vqa"] = evaluate_vqa(mllm, benchmarks["vqa"], max_new_tokens=args.max_new_tokens, **common)
     if "hallucination" in benchmarks:

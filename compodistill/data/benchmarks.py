@@ -25,8 +25,13 @@ from .images import resolve_image
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 
 
-# The paper's two-choice CR prompt (asked in both orders at evaluation). The generator also uses it for
-# the multiple-choice turns of its instruction data, as LLaVA-665K carries multiple-choice questions.
+# The authors' SugarCrepe prompt, verbatim (note the space before "(B)"), asked in both orders by
+# compodistill.evaluate. The image comes first: encode_prompt writes "<image>" + "\n" + this text.
+CR_PROMPT = ("Which caption best describes the image?\n(A) {first}\n (B) {second}\n"
+             "Answer with the option's alphabet from the given choices directly.")
+# A shorter two-choice question, on one line: the multiple-choice turns of the synthetic instruction
+# data (LLaVA-665K carries multiple-choice questions too). Pass it as evaluate_cr(prompt=...) to score a
+# model trained on that data in its own wording.
 TWO_CHOICE_PROMPT = "Which caption best describes the image? (A) {first} (B) {second} Answer with the option's letter."
 # LLaVA's short-answer instruction, on VQA-style questions in LLaVA-665K and at VQA evaluation.
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."

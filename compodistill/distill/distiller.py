@@ -19,7 +19,7 @@ from torch import nn
 from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodistill_attention,
                                 num_language_model_layers)
 from ..models import parts
-from ..models.mllm import MLLM, visual_token_positions
+from ..models.mllm import MLLM, image_token_count, visual_token_positions
 from ..models.vision import multimodal_embeddings
 from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
@@ -125,15 +125,14 @@ class Distiller(nn.Module):
             self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and prepare()
         _, _, s_cfg = _parts(self.student)
         self.image_token_id = int(s_cfg.image_token_id)
-        vision = s_cfg.vision_config
-        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self.num_image_tokens = image_token_count(s_cfg)
         self.matches = None
         if self.config.weights["vat"] > 0:
             vat = self.config.vat
             self.student_layers = resolve_layers(num_language_model_layers(self.student), vat.student_layers,
-                                                 argument="vat.student_layers")
+                                                 argument="vat.student_layers", side="student")
             self.teacher_layers = resolve_layers(num_language_model_layers(teacher), vat.teacher_layers,
-                                                 argument="vat.teacher_layers")
+                                                 argument="vat.teacher_layers", side="teacher")
             if vat.matching != "adaptive":
                 self.matches = match_layers(self.student_layers, self.teacher_layers, vat.matching)
 
@@ -186,7 +185,7 @@ class Distiller(nn.Module):
                           visual_start, visual_len)
 
     def _teacher_slices(self, batch, rows, layers):
-        reduce = self.config.vat.reduce
+        reduce = self.config.vat.export_reduce
         probe = AttentionProbe(rows, export={layer: reduce for layer in layers})
         with torch.no_grad():
             hidden = self._backbone_forward(self.teacher, batch, probe)
@@ -199,14 +198,13 @@ class Distiller(nn.Module):
         vat = self.config.vat
         rows = self._rows(batch)
         _, teacher = self._teacher_slices(batch, rows, self.teacher_layers)
-        probe = AttentionProbe(rows, export={layer: vat.reduce for layer in self.student_layers})
+        probe = AttentionProbe(rows, export={layer: vat.export_reduce for layer in self.student_layers})
         was_training = self.student.training
         self.student.eval()
         self._backbone_forward(self.student, batch, probe)
         self.student.train(was_training)
-        weight = rows.row_weight if vat.reduce == "rows" else (rows.row_weight.sum(1) > 0).float()
         similarity = torch.stack([
-            torch.stack([1.0 - slice_loss(probe.slices[s], teacher[t], weight, loss="cosine", eps=vat.eps)
+            torch.stack([1.0 - self._slice_loss(probe.slices[s], teacher[t], rows, loss="cosine")
                          for t in self.teacher_layers])
             for s in self.student_layers])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -233,7 +231,7 @@ class Distiller(nn.Module):
                 if cfg.vat.fused:
                     student_probe = AttentionProbe(rows, align=targets, eps=cfg.vat.eps)
                 else:
-                    student_probe = AttentionProbe(rows, export={s: cfg.vat.reduce for s in targets})
+                    student_probe = AttentionProbe(rows, export={s: cfg.vat.export_reduce for s in targets})
             else:
                 with torch.no_grad():
                     teacher_hidden = self._backbone_forward(self.teacher, batch, None)
@@ -252,14 +250,19 @@ class Distiller(nn.Module):
         out["loss"] = sum(w[name] * value for name, value in out.items())
         return out
 
+    def _slice_loss(self, student, teacher, rows, *, loss):
+        vat = self.config.vat
+        if student.ndim == 2:  # pooled by the kernel: one vector per sample, weighted if it has rows
+            return slice_loss(student, teacher, (rows.row_weight.sum(1) > 0).float(), loss=loss, eps=vat.eps)
+        return slice_loss(student, teacher, rows.row_weight, loss=loss, reduce=vat.reduce,
+                          sink_filter=vat.sink_filter, eps=vat.eps)
+
     def _vat_loss(self, probe, targets, rows):
         vat = self.config.vat
         if vat.fused:
             per_layer = probe.losses
         else:
-            weight = rows.row_weight if vat.reduce == "rows" else (rows.row_weight.sum(1) > 0).float()
-            per_layer = {layer: slice_loss(probe.slices[layer], targets[layer], weight, loss=vat.loss,
-                                           sink_filter=vat.sink_filter, eps=vat.eps)
+            per_layer = {layer: self._slice_loss(probe.slices[layer], targets[layer], rows, loss=vat.loss)
                          for layer in targets}
         loss = combine_layers(per_layer, vat.layer_reduction)
         if self.training and torch.is_grad_enabled() and not loss.requires_grad and \

@@ -6,6 +6,16 @@ only the rows that predict a supervised label, and turns chunk_size of them at a
 activation checkpointing, so backward keeps the (N, H) hidden rows and recomputes each (chunk, V) block.
 
 `dense_lm_and_kd_losses` is the same math on full logits, written independently: the reference for tests.
+
+Which positions are compared. Here teacher and student distributions are compared where the next-token
+loss is taken: hidden position i, whose logits predict token i + 1, is used when labels[:, i + 1] is
+supervised. The authors' DistillTrainer instead compares the logits at the positions whose *unshifted*
+label is supervised (label i ≠ −100 selects the logits at i, which predict token i + 1): one token off,
+so it distils the prediction of the token after each answer token, including the one after the final
+end-of-turn, and skips the prediction of the first answer token. This library uses the next-token
+positions on purpose (docs/fidelity.md lists the differences). The authors' term is also written as the
+cross-entropy −Σ p_t log p_s, which differs from KL(p_t ‖ p_s) by the teacher's entropy, a constant
+with no gradient.
 """
 
 from __future__ import annotations

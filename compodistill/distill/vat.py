@@ -1,13 +1,38 @@
 """VAT: visual attention alignment between matched teacher and student layers.
 
-For a layer l, Ã^l is the head-averaged causal attention of some query rows over the visual keys.
-With matched pairs j = 1..k (each student layer against the mean of a window of teacher layers):
+For a layer l, A^l is the head-averaged causal attention; a slice keeps some query rows of it against the
+visual keys only. With matched pairs j = 1..k (each student layer against the mean of a window of teacher
+layers, Ā_t^j = mean_{l in window j} A_t^l):
 
-    L_VAT = reduce_j  Σ_rows w · ℓ( Ã_s^{l_s(j)}[row], Ā_t^{j}[row] ) / Σ_rows w,   reduce_j ∈ {mean, sum}
+    reduce="rows":  L_j = Σ_rows w · ℓ( A_s[row], Ā_t[row] ) / Σ_rows w        (rows of all samples pooled)
+    reduce="mean":  L_j = mean over samples of ℓ( pool(A_s), pool(Ā_t) )        (one vector per sample)
+    L_VAT = mean_j L_j  or  Σ_j L_j                                               (layer_reduction)
 
-with ℓ = 1 − cos (default; computed inside the fused attention kernel), the mean squared error, or
-KL(teacher ‖ student) of the rows normalised over the visual keys. `reduce="mean"` first pools the rows
-of each sample into one vector (the public code's choice), then applies ℓ once per sample.
+with ℓ = 1 − cos (default), the mean squared error, or KL(teacher ‖ student) of the vectors normalised
+over the visual keys. pool(·)[key] is the mean of the key's column over the sample's rows.
+
+The attention-sink filter (sink_filter=True) acts on each sample's whole block (its rows × the visual
+keys), as the authors' DistillTrainer does: with μ and σ the mean and the Bessel-corrected standard
+deviation over every entry of the block (causal zeros included), computed separately for the student
+block S and the teacher block T, an entry is kept where
+
+    S ≤ μ_S + σ_S  and  T ≤ μ_T + σ_T  and  T ≠ 0.
+
+With reduce="mean" each key column then becomes the mean of its kept entries (divided by the number of
+kept entries in the column, at least 1), for S and for T; with reduce="rows" the dropped entries are set
+to 0 in both rows before ℓ. The filter is a 0/1 mask: no gradient flows through μ or σ.
+
+Two presets (`VAT_PRESETS`):
+
+- "paper": the paper's formula. Text query rows, per-row cosine, intermediate layers (30–70 % of depth)
+  with group matching, mean over layers. Runs inside the fused attention kernel
+  (compodistill_kernels.attention_with_alignment): no slice is ever materialised for the student.
+- "code": the authors' public DistillTrainer, exactly. Visual query rows (the N×N visual→visual block),
+  the block sink filter, column pooling, cosine with eps 1e-8, summed over layers and averaged over the
+  batch; layers from the authors' depth table (`CODE_STUDENT_LAYERS`, `CODE_TEACHER_LAYERS`), scaled by
+  depth fraction for depths the table does not list. The student exports its N×N slices with
+  compodistill_kernels.attention_with_visual_slice(reduce="rows") (differentiable), and the filter and
+  pooling run in PyTorch, because the filter needs the whole block before pooling.
 """
 from __future__ import annotations
 
@@ -25,23 +50,41 @@ LOSSES = ("cosine", "mse", "kl")
 MATCHINGS = ("simple", "group", "adaptive")
 LAYER_REDUCTIONS = ("mean", "sum")
 
+# The authors' DistillTrainer picks its layers from a table keyed by depth (0-based indices): seven
+# consecutive layers from a first layer per depth; a teacher takes the windows [i, i + n) starting at
+# each of them, n per depth. Its student side lists depths 24, 28 and 40, its teacher side 24, 28, 32
+# and 40, with the same seven layers wherever a depth is on both sides; this library also gives a
+# 32-layer student the seven layers its teacher side lists (11..17). "group" matching of 7 student
+# layers against the teacher layers first .. first + 6 + n − 1 gives exactly the authors' windows
+# (n = m − k + 1).
+CODE_FIRST_LAYER = {24: 8, 28: 9, 32: 11, 40: 13}
+CODE_TEACHER_WINDOW = {24: 2, 28: 3, 32: 3, 40: 5}
+CODE_STUDENT_LAYERS = {depth: (first, first + 6) for depth, first in CODE_FIRST_LAYER.items()}   # inclusive
+CODE_TEACHER_LAYERS = {depth: (first, first + 6 + CODE_TEACHER_WINDOW[depth] - 1)
+                       for depth, first in CODE_FIRST_LAYER.items()}
+# Depths outside the table: the 24-layer student's and 40-layer teacher's ranges as fractions of depth.
+CODE_FALLBACK_FRACTIONS = {"student": (8 / 24, 14 / 24), "teacher": (13 / 40, 23 / 40)}
+CODE_LAYERS = "code"  # the layer spec that selects the table above
+
 
 @dataclass(frozen=True)
 class VATConfig:
     """How VAT picks, matches and compares attention.
 
     student_layers / teacher_layers: a band ("early", "intermediate", "later", "all"), an explicit list
-        of 0-based layer indices, {"start": a, "end": b} (inclusive), or {"fraction": [lo, hi]}: layers
-        round(lo·N) … round(hi·N), which scales the public code's choice to any depth.
+        of 0-based layer indices, {"start": a, "end": b} (inclusive), {"fraction": [lo, hi]}: layers
+        round(lo·N) … round(hi·N), or "code": the authors' depth table (student 24 → 8..14, 28 → 9..15,
+        32 → 11..17, 40 → 13..19; teacher 24 → 8..15, 28 → 9..17, 32 → 11..19, 40 → 13..23, which group
+        matching cuts into windows of 2, 3, 3 and 5 layers), and for a depth the table lacks the
+        fraction [8/24, 14/24] (student) or [13/40, 23/40] (teacher) of it.
     matching: "group" (sliding window of n = m − k + 1 teacher layers, averaged), "simple" (one teacher
         layer per student layer by depth ratio) or "adaptive" (most similar teacher layer, monotone in
         depth, picked on the first batch).
     query_rows: "text" (real tokens after the image), "visual" (the image tokens), "answer" (tokens
         with a label) or "all" (every real row from the image on; earlier rows see no visual key).
-    reduce: "rows" (per-row loss) or "mean" (rows pooled per sample first).
+    reduce: "rows" (per-row loss) or "mean" (rows pooled per key column, one vector per sample).
     loss: "cosine" (fused kernel when reduce="rows" and no sink filter), "mse" or "kl".
-    sink_filter: zero the visual keys whose attention exceeds mean + std (population) of its vector, in
-        both vectors, wherever either side exceeds its own threshold (the public code's sink filter).
+    sink_filter: the authors' block filter (see the module docstring).
     layer_reduction: "mean" (the paper's 1/k) or "sum" (the public code) over matched layers.
     """
 
@@ -67,14 +110,20 @@ class VATConfig:
         object.__setattr__(self, "eps", float(self.eps))
         for name in ("student_layers", "teacher_layers"):
             spec = getattr(self, name)
-            if isinstance(spec, str) and spec not in TARGET_BANDS:
-                raise ValueError(f"vat.{name}: expected a band {sorted(TARGET_BANDS)}, a list of layers, "
-                                 f"{{'start', 'end'}} or {{'fraction'}}; got {spec!r}")
+            if isinstance(spec, str) and spec not in TARGET_BANDS and spec != CODE_LAYERS:
+                raise ValueError(f"vat.{name}: expected a band {sorted(TARGET_BANDS)}, {CODE_LAYERS!r}, a list "
+                                 f"of layers, {{'start', 'end'}} or {{'fraction'}}; got {spec!r}")
 
     @property
     def fused(self) -> bool:
         """True when the student's loss runs inside the attention kernel (no student slice exists)."""
         return self.loss == "cosine" and self.reduce == "rows" and not self.sink_filter
+
+    @property
+    def export_reduce(self) -> str:
+        """What the attention kernel exports per layer when the loss is not fused: pooled vectors
+        ("mean") when nothing needs the rows, else the rows ("rows"; the sink filter needs the block)."""
+        return "mean" if self.reduce == "mean" and not self.sink_filter else "rows"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,17 +145,28 @@ class VATConfig:
 VAT_PRESETS = {
     # The paper's formula: text query rows, per-row cosine, intermediate layers, group matching, 1/k.
     "paper": VATConfig(),
-    # The public code: student layers 8–14 of 24 against teacher windows starting at 13–19 of 40 (n = 5),
-    # visual query rows, sink filter, rows pooled per sample, summed over layers.
-    "code": VATConfig(student_layers={"fraction": [8 / 24, 14 / 24]},
-                      teacher_layers={"fraction": [13 / 40, 23 / 40]},
-                      matching="group", query_rows="visual", reduce="mean", loss="cosine",
-                      sink_filter=True, layer_reduction="sum"),
+    # The authors' DistillTrainer: the depth table (student 8..14 of 24 against teacher windows [i, i + 5),
+    # i = 13..19 of 40), the visual→visual block, the block sink filter, column pooling, summed over layers.
+    "code": VATConfig(student_layers=CODE_LAYERS, teacher_layers=CODE_LAYERS, matching="group",
+                      query_rows="visual", reduce="mean", loss="cosine", sink_filter=True,
+                      layer_reduction="sum"),
 }
 
 
-def resolve_layers(num_layers: int, spec, *, argument: str) -> list[int]:
-    """0-based layer indices for a VATConfig layer spec (see `VATConfig`)."""
+def resolve_layers(num_layers: int, spec, *, argument: str, side: str | None = None) -> list[int]:
+    """0-based layer indices for a VATConfig layer spec (see `VATConfig`).
+
+    side: "student" or "teacher"; needed only by the "code" spec, whose table differs per side.
+    """
+    if spec == CODE_LAYERS:
+        if side not in ("student", "teacher"):
+            raise ValueError(f"side: the {CODE_LAYERS!r} layer spec needs side='student' or 'teacher', got {side!r}")
+        table = CODE_STUDENT_LAYERS if side == "student" else CODE_TEACHER_LAYERS
+        if num_layers in table:
+            start, end = table[num_layers]
+            spec = {"start": start, "end": end}
+        else:
+            spec = {"fraction": list(CODE_FALLBACK_FRACTIONS[side])}
     if isinstance(spec, dict) and "fraction" in spec:
         lo_hi = spec["fraction"]
         valid = (set(spec) == {"fraction"} and isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2
@@ -170,27 +230,81 @@ def group_targets(teacher_slices: dict, matches) -> dict:
     return targets
 
 
-def _sink_keep(x: torch.Tensor) -> torch.Tensor:
-    threshold = x.mean(-1, keepdim=True) + x.std(-1, unbiased=False, keepdim=True)
-    return x <= threshold
+def _below_mean_plus_std(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x ≤ μ + σ per sample, μ and σ (Bessel-corrected) over the entries of the selected rows.
+    x (B, R, N), rows (B, R) bool. A block of one entry has σ = 0 (no NaN)."""
+    selected = rows[:, :, None].expand_as(x)
+    count = selected.sum((1, 2))
+    mean = torch.where(selected, x, 0).sum((1, 2)) / count.clamp_min(1)
+    squares = torch.where(selected, (x - mean[:, None, None]) ** 2, 0).sum((1, 2))
+    std = (squares / (count - 1).clamp_min(1)).sqrt()
+    return x <= (mean + std)[:, None, None]
+
+
+def sink_keep(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    """The attention-sink filter of the authors' DistillTrainer, per sample over its whole block.
+
+    student, teacher: (B, R, N) slices (rows × visual keys); row_weight: (B, R), rows with weight 0
+    belong to no sample and are neither counted nor kept (None: every row). Returns (B, R, N) bool:
+    S ≤ μ_S + σ_S and T ≤ μ_T + σ_T and T ≠ 0, each side with its own mean and Bessel-corrected
+    standard deviation over the sample's selected entries.
+    """
+    s, t = student.detach(), teacher.detach()
+    rows = (torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if row_weight is None
+            else row_weight.to(s.device) > 0)
+    return _below_mean_plus_std(s, rows) & _below_mean_plus_std(t, rows) & (t != 0) & rows[:, :, None]
+
+
+def _loss_dtype(*tensors) -> torch.dtype:
+    # float32 at least; float64 stays float64 so that tests can compare at double precision.
+    dtype = torch.float32
+    for x in tensors:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
 
 
 def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor | None, *,
-               loss: str, sink_filter: bool = False, eps: float = 1e-8) -> torch.Tensor:
-    """Σ w·ℓ(student_row, teacher_row) / Σ w for exported slices.
+               loss: str, reduce: str = "rows", sink_filter: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """The VAT loss of one matched layer from exported slices (see the module docstring).
 
-    student, teacher: (B, R, N) rows over the visual keys, or (B, N) pooled vectors (one row each);
-    row_weight: (B, R) or (B,), None for uniform. Returns a float32 scalar, 0 when Σ w = 0.
+    student, teacher: (B, R, N) rows over the visual keys, or (B, N) vectors already pooled by the kernel
+        (one row per sample; reduce and sink_filter do not apply to them).
+    row_weight: (B, R) for rows, (B,) for pooled vectors; None for uniform.
+    reduce: "rows" (Σ w·ℓ(row) / Σ w over every row of the batch) or "mean" (rows pooled per key column,
+        then the mean of ℓ over the samples that have a row).
+    sink_filter: the authors' block filter (`sink_keep`), before pooling or per-row loss.
+    Returns a scalar in float32 (float64 for float64 inputs), 0 when no row has weight; the teacher
+    gets no gradient.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce: expected one of {REDUCES}, got {reduce!r}")
     if student.shape != teacher.shape:
         raise ValueError(f"teacher: slice shape {tuple(teacher.shape)} differs from the student's "
                          f"{tuple(student.shape)}")
-    student, teacher = student.float(), teacher.detach().float()
-    if sink_filter:
-        keep = (_sink_keep(student.detach()) & _sink_keep(teacher)).float()
-        student, teacher = student * keep, teacher * keep
+    if student.ndim == 2 and sink_filter:
+        raise ValueError("student: the sink filter needs (B, R, N) rows, got pooled (B, N) vectors")
+    dtype = _loss_dtype(student, teacher)
+    student, teacher = student.to(dtype), teacher.detach().to(dtype)
+    if student.ndim == 3:
+        weight = (torch.ones(student.shape[:2], dtype=dtype, device=student.device) if row_weight is None
+                  else row_weight.to(device=student.device, dtype=dtype))
+        keep = sink_keep(student, teacher, weight) if sink_filter else None
+        if reduce == "mean":
+            # Column means over the kept entries; without the filter, the row-weighted mean of the rows.
+            if keep is None:
+                share = weight / weight.sum(1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+                student, teacher = (share[:, :, None] * student).sum(1), (share[:, :, None] * teacher).sum(1)
+            else:
+                keep = keep.to(dtype)
+                count = keep.sum(1).clamp_min(1)
+                student, teacher = (student * keep).sum(1) / count, (teacher * keep).sum(1) / count
+            row_weight = (weight.sum(1) > 0).to(dtype)
+        else:
+            if keep is not None:
+                student, teacher = student * keep, teacher * keep
+            row_weight = weight
     if loss == "cosine":
         per_row = 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=eps)
     elif loss == "mse":

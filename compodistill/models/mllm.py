@@ -95,6 +95,27 @@ def _vision_feature_size(config) -> int:
     return config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
 
 
+VISION_FEATURE_STRATEGIES = ("full", "default")
+
+
+def image_token_count(config) -> int:
+    """Visual tokens per image of a LlavaConfig, as transformers' LLaVA produces them.
+
+    The vision tower gives one position per patch, (image_size // patch_size)². With
+    vision_feature_select_strategy="full" every position becomes a visual token; with "default" the
+    first position is dropped (LLaVA's CLS slot for CLIP towers; SigLIP has no CLS token, so there it
+    is a real patch that is lost). A list of vision_feature_layer concatenates the layers' features per
+    position (wider features, the same count). Raises ValueError for any other strategy.
+    """
+    strategy = getattr(config, "vision_feature_select_strategy", "full")
+    if strategy not in VISION_FEATURE_STRATEGIES:
+        raise ValueError(f"config.vision_feature_select_strategy: expected one of {VISION_FEATURE_STRATEGIES}, "
+                         f"got {strategy!r}")
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches - 1 if strategy == "default" else patches
+
+
 @dataclass
 class MLLM:
     """A multimodal model with the tokenizer and image processor that belong to it."""
@@ -109,9 +130,9 @@ class MLLM:
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image: one per vision patch (vision_feature_select_strategy="full")."""
-        vision = self.model.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+        """Visual tokens per image (`image_token_count`): one per vision patch with
+        vision_feature_select_strategy="full", one fewer with "default"."""
+        return image_token_count(self.model.config)
 
     def save_pretrained(self, path: str, **kwargs):
         """Write model, tokenizer and image processor to one folder that `load_pretrained` reads."""
@@ -329,7 +350,7 @@ def load_pretrained(path: str, *, torch_dtype=None) -> MLLM:
     if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"path: expected a Qwen2-architecture language model, got "
                          f"{config.text_config.model_type!r}")
-    model = llava_class().from_pretrained(path, dtype=torch_dtype or torch.float32)
+    model = _load_llava_weights(path, torch_dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     _prepare_tokenizer(tokenizer)
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
@@ -337,6 +358,29 @@ def load_pretrained(path: str, *, torch_dtype=None) -> MLLM:
                          f"{config.image_token_id}")
     image_processor = _image_processor_for(path, config.vision_config.image_size)
     return MLLM(model.eval(), tokenizer, image_processor)
+
+
+def _load_llava_weights(path: str, dtype):
+    """`CompoDistillLlava.from_pretrained(path)` in either LLaVA checkpoint key layout
+    (`parts.CHECKPOINT_KEY_MAPPING`), refusing any weight that is missing, unexpected or of the wrong
+    shape: a weight transformers would otherwise initialise afresh (or drop) is a ValueError naming it.
+    Weights tied to others (an LM head tied to the embeddings) are not missing."""
+    # ignore_mismatched_sizes only turns transformers' own error into an entry of `info`, refused below
+    # with the others.
+    model, info = llava_class().from_pretrained(path, dtype=dtype, key_mapping=parts.CHECKPOINT_KEY_MAPPING,
+                                                output_loading_info=True, ignore_mismatched_sizes=True)
+    problems = {kind: sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(kind, ()) or ())
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems or info.get("error_msgs"):
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:10])}"
+                           + (f" (and {len(keys) - 10} more)" if len(keys) > 10 else "")
+                           for kind, keys in problems.items())
+        if info.get("error_msgs"):
+            detail += ("; " if detail else "") + "errors: " + "; ".join(map(str, info["error_msgs"]))[:500]
+        raise ValueError(f"path: the checkpoint in {path!r} does not match the model its config describes "
+                         f"({detail})")
+    return model
 
 
 def load_mllm(spec, *, torch_dtype=None, seed: int = 0) -> MLLM:

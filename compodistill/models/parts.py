@@ -9,10 +9,26 @@ either of those wrapped by peft, so callers never write `model.model.vision_towe
     lm_head(m)          the output projection to the vocabulary
     backbone(m)         vision tower + projector + decoder stack (transformers' LlavaModel)
     text_config(m)      the language model's config
+
+and `CHECKPOINT_KEY_MAPPING`, the renaming from the older checkpoint key layout of LLaVA to the current one.
 """
 from __future__ import annotations
 
 from torch import nn
+
+
+# transformers has written LLaVA checkpoints in two key layouts:
+#   older (and what LlavaForConditionalGeneration.save_pretrained still writes in 5.x):
+#       language_model.model.*, language_model.lm_head.*, vision_tower.*, multi_modal_projector.*
+#   current module names: model.language_model.*, lm_head.*, model.vision_tower.*, model.multi_modal_projector.*
+# Passed as from_pretrained(key_mapping=...), it renames the first into the second; keys already in the
+# second layout match none of the patterns and pass unchanged.
+CHECKPOINT_KEY_MAPPING = {
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^language_model\.model\.": "model.language_model.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+}
 
 
 def unwrap_peft(model):

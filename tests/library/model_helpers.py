@@ -87,17 +87,13 @@ def _rows_of_sample(which, ids, mask, labels, image_id):
     return vs, nv, rows
 
 
-def _sink_filtered(a, t):
-    def keep(x):
-        return x <= x.mean(-1, keepdim=True) + x.std(-1, unbiased=False, keepdim=True)
-
-    k = (keep(a.detach()) & keep(t)).to(a.dtype)
-    return a * k, t * k
+def _block_keep(a, t):
+    """The authors' sink filter on one sample's block (rows × visual keys): each side below its own
+    mean + Bessel-corrected std over the whole block, and a non-zero teacher entry."""
+    return (a.detach() <= a.detach().mean() + a.detach().std()) & (t <= t.mean() + t.std()) & (t != 0)
 
 
-def _row_losses(a, t, loss, sink, eps):
-    if sink:
-        a, t = _sink_filtered(a, t)
+def _row_losses(a, t, loss, eps):
     if loss == "cosine":
         return 1 - F.cosine_similarity(a, t, dim=-1, eps=eps)
     if loss == "mse":
@@ -141,9 +137,13 @@ def eager_losses(student_model, teacher_model, batch, config, matches):
                 a = s_out.attentions[match.student_layer][b].float().mean(0)[rows][:, vs:vs + nv]
                 t = torch.stack([t_out.attentions[layer][b].float().mean(0)[rows][:, vs:vs + nv]
                                  for layer in match.teacher_layers]).mean(0)
+                keep = _block_keep(a, t).to(a.dtype) if vat.sink_filter else torch.ones_like(a)
                 if vat.reduce == "mean":
-                    a, t = a.mean(0, keepdim=True), t.mean(0, keepdim=True)
-                r = _row_losses(a, t, vat.loss, vat.sink_filter, vat.eps)
+                    count = keep.sum(0, keepdim=True).clamp_min(1)
+                    a, t = (a * keep).sum(0, keepdim=True) / count, (t * keep).sum(0, keepdim=True) / count
+                else:
+                    a, t = a * keep, t * keep
+                r = _row_losses(a, t, vat.loss, vat.eps)
                 num, den = num + r.sum(), den + r.numel()
             per_layer.append(num / den)
         stacked = torch.stack(per_layer)

@@ -6,6 +6,7 @@ a tiny model whose logits are rigged by a forward hook, so the expected metrics 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,8 +18,11 @@ from PIL import Image
 
 from compodistill.data.benchmarks import CRItem, read_sugarcrepe, read_vqa, read_yes_no
 from compodistill.data.chat import BadSample
-from compodistill.evaluate import (_caption_answer, evaluate_cr, evaluate_vqa, evaluate_yes_no, letter_token_ids,
-                                   main, normalize_answer, parse_yes_no, stop_token_ids)
+from compodistill.data.benchmarks import CR_PROMPT
+from compodistill.models import IMAGE_TOKEN
+from compodistill.evaluate import (CR_PROTOCOLS, _caption_answer, choice_settled, evaluate_cr, evaluate_vqa,
+                                   evaluate_yes_no, letter_token_ids, main, normalize_answer, parse_choice,
+                                   parse_yes_no, stop_token_ids)
 from .model_helpers import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,6 +209,26 @@ def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("A", "A"), ("B", "B"), ("(B)", "B"), ("B.", "B"), ("The answer is B.", "B"), ("  A) red circle", "A"),
+    ("B) a red circle", "B"), ("a red circle", "A"),   # upper-cased first, as the authors' script does
+    ("AB", None), ("Apple", None), ("BA B", "B"), ("", None), ("red", None), ("Option:A", "A"),
+], ids=lambda x: repr(x))
+def test_parse_choice_takes_the_first_standalone_letter(text, expected):
+    assert parse_choice(text) == expected
+
+
+@pytest.mark.parametrize("text, settled", [
+    ("A", False), ("A.", True), ("A ", True), (" A", False), ("A red", True), ("B)", True), ("Ap", False), ("Apple", False),
+    ("Apple B", False), ("Apple B,", True), ("A\ufffd", False), ("", False), ("red", False),
+], ids=lambda x: repr(x))
+def test_choice_is_settled_only_when_no_continuation_can_change_it(text, settled):
+    assert choice_settled(text) == settled
+    if settled:  # whatever follows, the parsed choice stays
+        for tail in ("", "x", "AB", " B", "é", "\ufffd"):
+            assert parse_choice(text + tail) == parse_choice(text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Protocols on rigged models
 # ---------------------------------------------------------------------------------------------------
@@ -243,48 +267,155 @@ def _cr_items(bench):
     return read_sugarcrepe(str(bench / "cr"))
 
 
+def test_cr_prompt_is_the_authors_through_the_chat_template(student):
+    from compodistill.data.chat import encode_prompt
+
+    ids = encode_prompt(CR_PROMPT.format(first="red circle", second="blue circle"), student.tokenizer,
+                        student.num_image_tokens)
+    text = student.tokenizer.decode(ids)
+    assert text == ("<|im_start|>user\n" + IMAGE_TOKEN * student.num_image_tokens
+                    + "\nWhich caption best describes the image?\n(A) red circle\n (B) blue circle\n"
+                    "Answer with the option's alphabet from the given choices directly.<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
 @pytest.mark.parametrize("letter", ["A", "B"])
-def test_two_choice_letter_bias_scores_half_on_every_item(student, bench, letter):
+def test_letter_logits_bias_scores_half_on_every_item(student, bench, letter):
     token = letter_token_ids(student.tokenizer)["AB".index(letter)]
     handle = _rig_constant(student, token)
     try:
-        result = evaluate_cr(student, _cr_items(bench), batch_size=3, backend="torch", progress=False, details=True)
+        result = evaluate_cr(student, _cr_items(bench), protocols=("letter_logits",), batch_size=3, backend="torch",
+                             progress=False, details=True)
     finally:
         handle.remove()
     as_a, as_b = (1.0, 0.0) if letter == "A" else (0.0, 1.0)
-    for metrics in list(result["subsets"].values()) + [result["overall"], result["average"]]:
-        assert metrics["two_choice"] == 0.5
-        assert (metrics["positive_as_a"], metrics["positive_as_b"]) == (as_a, as_b)
+    for metrics in list(result["subsets"].values()) + [result["overall"]]:
+        assert metrics["letter_logits"] == 0.5
+        assert metrics["orders"]["letter_logits"] == {"positive_as_a": as_a, "positive_as_b": as_b}
+    assert result["average"]["letter_logits"] == 0.5
+    assert result["headline"] == {"protocol": "letter_logits", "value": 0.5}
+    assert set(result["subsets"]["swap_att"]) == {"letter_logits", "orders", "count"}  # only what was asked
     assert {k: m["count"] for k, m in result["subsets"].items()} == {"replace_att": 3, "swap_att": 2}
     for record in result["items"]:
         assert (record["margin_positive_as_a"] > 0) == (letter == "A")
         assert (record["margin_positive_as_b"] > 0) == (letter == "A")
-        assert record["positive_as_a"] + record["positive_as_b"] == 1  # 0.5 on every item
+        assert sum(record["correct"]["letter_logits"]) == 1  # 0.5 on every item
 
 
-def test_two_choice_follows_the_logits_of_the_unrigged_model(student, bench):
-    """Without a rig, each order's answer is the sign of logit(A) − logit(B) at the assistant position,
-    one prompt at a time (no padding), so batching and left padding change nothing."""
+@pytest.mark.parametrize("word,choice", [("A", "A"), ("B", "B"), ("red", None)])
+def test_generate_protocol_parses_the_greedy_answer(student, bench, word, choice):
+    handle = _rig_word_then_stop(student, word)
+    try:
+        result = evaluate_cr(student, _cr_items(bench), batch_size=4, backend="torch", progress=False, details=True)
+    finally:
+        handle.remove()
+    n = 5
+    expected = {"A": (1.0, 0.0), "B": (0.0, 1.0), None: (0.0, 0.0)}[choice]
+    for metrics in list(result["subsets"].values()) + [result["overall"]]:
+        assert metrics["orders"]["generate"] == dict(zip(("positive_as_a", "positive_as_b"), expected))
+        assert metrics["generate"] == sum(expected) / 2
+        assert metrics["generate_unparsed"] == (2 * metrics["count"] if choice is None else 0)
+    assert result["generate_unparsed"] == (2 * n if choice is None else 0)
+    assert result["headline"]["protocol"] == "generate" and list(result["protocols"]) == list(CR_PROTOCOLS)
+    for record in result["items"]:
+        assert record["answer_positive_as_a"] == record["answer_positive_as_b"] == word
+        assert record["choice_positive_as_a"] == record["choice_positive_as_b"] == choice
+
+
+def _rig_scripts(mllm, scripts):
+    """Row b answers the tokens of scripts[b] in turn, then repeats its last token; returns the hook
+    handle and a list that counts the forward calls."""
+    tokens = [mllm.tokenizer(text, add_special_tokens=False)["input_ids"] for text in scripts]
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        step = len(calls)
+        calls.append(kwargs["input_ids"].shape)
+        for row in range(output.logits.shape[0]):
+            script = tokens[row % len(tokens)]
+            output.logits[row, -1, script[min(step, len(script) - 1)]] += BIG
+        return output
+    return mllm.model.register_forward_hook(hook, with_kwargs=True), calls
+
+
+def test_generation_stops_once_every_choice_is_settled(student, bench):
+    item = _cr_items(bench)["replace_att"][0]
+    # Both orders answer "A", then "." (now settled), then never end their turn.
+    handle, calls = _rig_scripts(student, ["A. red red"])
+    try:
+        result = evaluate_cr(student, [item], protocols=("generate",), backend="torch", progress=False,
+                             details=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the prompt, then one decoding step: "A" alone could still become "AB"
+    record = result["items"][0]
+    assert (record["answer_positive_as_a"], record["choice_positive_as_a"]) == ("A.", "A")
+    assert result["overall"]["generate"] == 0.5
+
+    # One order settles at once, the other never answers: every step of the budget runs, and the settled
+    # row keeps its answer.
+    handle, calls = _rig_scripts(student, ["B, red", " red red"])
+    try:
+        result = evaluate_cr(student, [item], protocols=("generate",), max_new_tokens=7, backend="torch",
+                             progress=False, details=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 7
+    record = result["items"][0]
+    assert (record["answer_positive_as_a"], record["choice_positive_as_a"]) == ("B,", "B")
+    assert record["answer_positive_as_b"] == "red" + " red" * 6 and record["choice_positive_as_b"] is None
+    assert result["overall"]["generate_unparsed"] == 1 and result["overall"]["generate"] == 0.0
+
+
+def test_generate_protocol_equals_one_prompt_at_a_time_full_generation(student, bench):
+    """Batched, left-padded, KV-cached generation with early stopping parses to the same choice as a
+    full 32-token greedy generation of each prompt alone; its answer is a prefix of that generation."""
     from compodistill.data.chat import encode_prompt
     from compodistill.data.images import load_image, pixel_values
-    from compodistill.evaluate import TWO_CHOICE_PROMPT
 
-    items = _cr_items(bench)["replace_att"]
+    items = [item for group in _cr_items(bench).values() for item in group]
     result = evaluate_cr(student, items, batch_size=4, backend="torch", progress=False, details=True)
     token_a, token_b = letter_token_ids(student.tokenizer)
     for item, record in zip(items, result["items"]):
         pixels = pixel_values(student.image_processor, [load_image(item.image_path)])
-        for first, second, key in ((item.caption, item.negative, "margin_positive_as_a"),
-                                   (item.negative, item.caption, "margin_positive_as_b")):
-            ids = encode_prompt(TWO_CHOICE_PROMPT.format(first=first, second=second), student.tokenizer,
-                                student.num_image_tokens)
+        for first, second, order in ((item.caption, item.negative, "positive_as_a"),
+                                     (item.negative, item.caption, "positive_as_b")):
+            ids = torch.tensor([encode_prompt(CR_PROMPT.format(first=first, second=second), student.tokenizer,
+                                              student.num_image_tokens)])
             with torch.no_grad():
-                logits = student.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
-            assert record[key] == pytest.approx((logits[token_a] - logits[token_b]).item(), abs=1e-4)
-    n = len(items)
-    expected_a = sum(r["margin_positive_as_a"] > 0 for r in result["items"]) / n
-    expected_b = sum(r["margin_positive_as_b"] < 0 for r in result["items"]) / n
-    assert result["overall"]["two_choice"] == pytest.approx((expected_a + expected_b) / 2)
+                logits = student.model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+                full = student.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=32, do_sample=False,
+                                              eos_token_id=stop_token_ids(student.tokenizer),
+                                              pad_token_id=student.tokenizer.pad_token_id)
+            text = student.tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            assert record[f"choice_{order}"] == parse_choice(text)
+            assert text.startswith(record[f"answer_{order}"])
+            assert record[f"margin_{order}"] == pytest.approx((logits[token_a] - logits[token_b]).item(), abs=1e-4)
+
+
+def test_a_checkpoints_generation_config_does_not_change_the_protocol(student, bench):
+    items = _cr_items(bench)["replace_att"][:2]
+    plain = evaluate_cr(student, items, protocols=("generate",), backend="torch", progress=False, details=True)
+    saved = student.model.generation_config
+    student.model.generation_config = copy.deepcopy(saved)
+    student.model.generation_config.update(do_sample=True, temperature=3.0, repetition_penalty=5.0, max_new_tokens=2)
+    try:
+        changed = evaluate_cr(student, items, protocols=("generate",), backend="torch", progress=False, details=True)
+    finally:
+        student.model.generation_config = saved
+    assert [r["answer_positive_as_a"] for r in changed["items"]] == [r["answer_positive_as_a"] for r in plain["items"]]
+    assert [r["answer_positive_as_b"] for r in changed["items"]] == [r["answer_positive_as_b"] for r in plain["items"]]
+
+
+def test_protocols_are_checked(student, bench):
+    items = _cr_items(bench)["swap_att"]
+    for bad in ((), ("generate", "generate"), ("two_choice",), "generate"):
+        with pytest.raises(ValueError, match="protocols"):
+            evaluate_cr(student, items, protocols=bad, backend="torch", progress=False)
+    with pytest.raises(ValueError, match="prompt"):
+        evaluate_cr(student, items, prompt="Which caption? {first}", backend="torch", progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        evaluate_cr(student, items, max_new_tokens=0, backend="torch", progress=False)
 
 
 @pytest.mark.parametrize("prefer", ["positive", "negative"])
@@ -299,19 +430,20 @@ def test_likelihood_ranking_follows_a_rigged_caption_preference(student, bench, 
         favoured = sorted(set(pos) - set(neg)) if prefer == "positive" else sorted(set(neg) - set(pos))
         handle = _rig_constant(student, favoured[0], amount=50.0)
         try:
-            results.append(evaluate_cr(student, [item], backend="torch", progress=False, details=True))
+            results.append(evaluate_cr(student, [item], protocols=("likelihood",), backend="torch",
+                                       progress=False, details=True))
         finally:
             handle.remove()
     expected = 1.0 if prefer == "positive" else 0.0
     for result in results:
-        assert result["overall"]["likelihood"] == expected
+        assert result["overall"]["likelihood"] == expected and result["subsets"]["replace_att"]["likelihood"] == expected
         record = result["items"][0]
         assert (record["log_prob_positive"] > record["log_prob_negative"]) == (prefer == "positive")
 
 
 def test_likelihood_scores_are_summed_answer_log_probs(student, bench):
     item = _cr_items(bench)["replace_att"][0]
-    result = evaluate_cr(student, [item], backend="torch", progress=False, details=True)
+    result = evaluate_cr(student, [item], protocols=("likelihood",), backend="torch", progress=False, details=True)
     from compodistill.data.images import load_image, pixel_values
 
     pixels = pixel_values(student.image_processor, [load_image(item.image_path)])
@@ -394,6 +526,12 @@ def test_cli_needs_a_benchmark(capsys):
     assert "at least one of --cr" in capsys.readouterr().err
 
 
+def test_cli_checks_the_cr_protocols(bench, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "tiny-student", "--cr", str(bench / "cr"), "--cr-protocols", "likelihood,two_choice"])
+    assert err.value.code == 2 and "--cr-protocols" in capsys.readouterr().err
+
+
 def test_cli_bad_files_give_a_message_not_a_traceback(bench, tmp_path):
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -422,13 +560,19 @@ def test_cli_end_to_end(bench, tmp_path):
     cr = record["results"]["cr"]
     assert {k: m["count"] for k, m in cr["subsets"].items()} == {"replace_att": 2, "swap_att": 2}
     for m in cr["subsets"].values():
-        assert m["two_choice"] == pytest.approx((m["positive_as_a"] + m["positive_as_b"]) / 2)
-        assert 0.0 <= m["likelihood"] <= 1.0
-    assert cr["average"]["two_choice"] == pytest.approx(
-        sum(m["two_choice"] for m in cr["subsets"].values()) / 2)
+        for protocol in ("generate", "letter_logits"):
+            orders = m["orders"][protocol]
+            assert m[protocol] == pytest.approx((orders["positive_as_a"] + orders["positive_as_b"]) / 2)
+        assert 0.0 <= m["likelihood"] <= 1.0 and 0 <= m["generate_unparsed"] <= 4
+    for protocol in CR_PROTOCOLS:
+        assert cr["average"][protocol] == pytest.approx(sum(m[protocol] for m in cr["subsets"].values()) / 2)
+    assert cr["headline"] == {"protocol": "generate", "value": cr["average"]["generate"]}
+    assert cr["generate_unparsed"] == sum(m["generate_unparsed"] for m in cr["subsets"].values())
+    assert cr["protocols"]["generate"]["max_new_tokens"] == 32 and cr["protocols"]["generate"]["prompt"] == CR_PROMPT
     assert record["results"]["vqa"]["count"] == 2  # answers.jsonl next to the questions was found
     assert record["results"]["hallucination"]["count"] == 2
     markdown = (out / "eval.md").read_text()
-    for needle in ("| swap_att |", "| replace_att |", "**average**", "## VQA", "## Yes/no hallucination", "F1"):
+    for needle in ("| swap_att |", "| replace_att |", "**average**", "## VQA", "## Yes/no hallucination", "F1",
+                   "generate (headline)", "letter logits", "likelihood", "unparsed (generate)", "- generate: greedy"):
         assert needle in markdown
     assert "| replace_att |" in proc.stdout

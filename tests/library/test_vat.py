@@ -1,7 +1,7 @@
 """compodistill.distill.vat: VAT config, layer resolution, query rows and the exported-slice losses.
 
 Pure torch on the CPU; every reference here is written independently of vat.py (Python loops over
-samples and rows, hand-written formulas, statistics.pstdev for the sink threshold).
+samples and rows, hand-written formulas, statistics.stdev for the sink threshold).
 """
 
 import math
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from compodistill.distill.layers import LayerMatch, match_layers, target_layers
 from compodistill.distill.vat import (VAT_PRESETS, VATConfig, combine_layers, group_targets, query_rows,
-                                      resolve_layers, slice_loss)
+                                      resolve_layers, sink_keep, slice_loss)
 from compodistill.models.attention import SliceRows
 
 
@@ -84,6 +84,9 @@ def test_config_code_preset_values():
     cfg = VAT_PRESETS["code"]
     assert (cfg.matching, cfg.query_rows, cfg.reduce, cfg.loss, cfg.sink_filter, cfg.layer_reduction) == \
         ("group", "visual", "mean", "cosine", True, "sum")
+    assert cfg.student_layers == cfg.teacher_layers == "code"
+    assert cfg.export_reduce == "rows" and not cfg.fused  # the filter needs the whole N×N block
+    assert VATConfig(reduce="mean").export_reduce == "mean" and VATConfig().export_reduce == "rows"
 
 
 def test_config_from_dict_preset_then_overrides():
@@ -131,16 +134,54 @@ def test_config_fused_only_for_cosine_rows_without_sink():
 # 2. Layer resolution with the presets
 # ---------------------------------------------------------------------------------------------------------
 
+def _code_layers(depth, side):
+    return resolve_layers(depth, VAT_PRESETS["code"].student_layers if side == "student"
+                          else VAT_PRESETS["code"].teacher_layers, argument=f"vat.{side}_layers", side=side)
+
+
 def test_code_preset_layers_24_student_40_teacher():
-    cfg = VAT_PRESETS["code"]
-    students = resolve_layers(24, cfg.student_layers, argument="vat.student_layers")
-    teachers = resolve_layers(40, cfg.teacher_layers, argument="vat.teacher_layers")
+    students, teachers = _code_layers(24, "student"), _code_layers(40, "teacher")
     assert students == list(range(8, 15))
     assert teachers == list(range(13, 24))
     matches = match_layers(students, teachers, "group")
     assert matches == [LayerMatch(s, tuple(range(13 + j, 18 + j))) for j, s in enumerate(range(8, 15))]
     assert matches[0] == LayerMatch(8, (13, 14, 15, 16, 17))
     assert matches[-1] == LayerMatch(14, (19, 20, 21, 22, 23))
+
+
+# The authors' DistillTrainer table, as written there: student depth -> layers; teacher depth -> window
+# starts and window size n (the windows are [i, i + n)). Their student side has no 32; the library gives
+# a 32-layer student the seven layers the teacher side lists for 32.
+AUTHORS_STUDENTS = {24: [8, 9, 10, 11, 12, 13, 14], 28: [9, 10, 11, 12, 13, 14, 15], 40: [13, 14, 15, 16, 17, 18, 19],
+                    32: [11, 12, 13, 14, 15, 16, 17]}
+AUTHORS_TEACHERS = {24: ([8, 9, 10, 11, 12, 13, 14], 2), 28: ([9, 10, 11, 12, 13, 14, 15], 3),
+                    32: ([11, 12, 13, 14, 15, 16, 17], 3), 40: ([13, 14, 15, 16, 17, 18, 19], 5)}
+
+
+@pytest.mark.parametrize("student_depth", sorted(AUTHORS_STUDENTS))
+@pytest.mark.parametrize("teacher_depth", sorted(AUTHORS_TEACHERS))
+def test_code_preset_reproduces_the_authors_table(student_depth, teacher_depth):
+    students = _code_layers(student_depth, "student")
+    assert students == AUTHORS_STUDENTS[student_depth]
+    matches = match_layers(students, _code_layers(teacher_depth, "teacher"), "group")
+    starts, n = AUTHORS_TEACHERS[teacher_depth]
+    assert [m.teacher_layers for m in matches] == [tuple(range(i, i + n)) for i in starts]
+
+
+@pytest.mark.parametrize("depth,side,expected", [
+    (6, "student", [2, 3, 4]),          # round(2.0) .. round(3.5) = 4 (round half to even)
+    (10, "teacher", [3, 4, 5, 6]),      # round(3.25) .. round(5.75)
+    (12, "student", [4, 5, 6, 7]),
+    (36, "student", list(range(12, 22))),   # round(12.0) .. round(21.0)
+    (16, "teacher", list(range(5, 10))),    # round(5.2) .. round(9.2)
+])
+def test_code_preset_scales_by_depth_fraction_outside_the_table(depth, side, expected):
+    assert _code_layers(depth, side) == expected
+
+
+def test_code_layer_spec_needs_a_side():
+    with pytest.raises(ValueError, match=r"^side\b"):
+        resolve_layers(24, "code", argument="vat.student_layers")
 
 
 def test_paper_preset_layers_are_the_intermediate_band():
@@ -518,12 +559,20 @@ def test_pooled_inputs_with_per_sample_weights(loss):
         assert math.isclose(float(got), ref, rel_tol=1e-5)
 
 
-def _sink_filtered(a, b):
-    """Zero every index where a or b exceeds mean + population std of its own vector (Python lists)."""
-    ta = statistics.fmean(a) + statistics.pstdev(a)
-    tb = statistics.fmean(b) + statistics.pstdev(b)
-    drop = [x > ta or y > tb for x, y in zip(a, b)]
-    return [0.0 if d else x for x, d in zip(a, drop)], [0.0 if d else y for y, d in zip(b, drop)], drop
+def _block_filter(s_rows, t_rows):
+    """The authors' filter on one block (lists of rows): keep where s <= mean + stdev (Bessel, over
+    every entry of the block) and t <= mean + stdev and t != 0. Returns the keep mask as lists."""
+    s_flat, t_flat = [x for row in s_rows for x in row], [x for row in t_rows for x in row]
+    s_limit = statistics.fmean(s_flat) + statistics.stdev(s_flat)
+    t_limit = statistics.fmean(t_flat) + statistics.stdev(t_flat)
+    return [[x <= s_limit and y <= t_limit and y != 0 for x, y in zip(s_row, t_row)]
+            for s_row, t_row in zip(s_rows, t_rows)]
+
+
+def _column_means(rows, keep):
+    columns = range(len(rows[0]))
+    return [sum(rows[r][c] for r in range(len(rows)) if keep[r][c]) / max(1, sum(keep[r][c] for r in range(len(rows))))
+            for c in columns]
 
 
 def _cos(a, b):
@@ -531,61 +580,90 @@ def _cos(a, b):
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
-def test_sink_filter_hand_made_spikes():
-    s = [0.10, 0.12, 0.08, 0.90, 0.11, 0.09]     # spike at key 3, student only
-    t = [0.09, 0.85, 0.11, 0.10, 0.12, 0.08]     # spike at key 1, teacher only
-    s_f = [0.10, 0.0, 0.08, 0.0, 0.11, 0.09]
-    t_f = [0.09, 0.0, 0.11, 0.0, 0.12, 0.08]
-    assert _sink_filtered(s, t)[:2] == (s_f, t_f)  # the hand-made example is what the rule says
-    S, T = torch.tensor([s]), torch.tensor([t])
-    got = slice_loss(S, T, torch.ones(1), loss="cosine", sink_filter=True)
-    assert math.isclose(float(got), 1 - _cos(s_f, t_f), rel_tol=1e-5, abs_tol=1e-7)
-    assert not math.isclose(float(got), 1 - _cos(s, t), rel_tol=1e-3)
-    manual = slice_loss(torch.tensor([s_f]), torch.tensor([t_f]), torch.ones(1), loss="cosine")
-    assert torch.allclose(got, manual, rtol=1e-6)
-    for loss in ("mse", "kl"):
-        filt = slice_loss(S, T, torch.ones(1), loss=loss, sink_filter=True)
-        ref = slice_loss(torch.tensor([s_f]), torch.tensor([t_f]), torch.ones(1), loss=loss)
-        assert torch.allclose(filt, ref, rtol=1e-6, atol=1e-8)
-    # The filtered keys carry no gradient to the student.
+def test_sink_filter_hand_made_block():
+    # Student sink at key 0 (rows 1, 2), teacher sink at key 2 (row 2), a causal zero at (0, 1), (0, 2), (1, 2).
+    s = [[0.50, 0.00, 0.00], [0.90, 0.10, 0.00], [0.80, 0.10, 0.10]]
+    t = [[0.40, 0.00, 0.00], [0.30, 0.30, 0.00], [0.10, 0.10, 0.70]]
+    keep = _block_filter(s, t)
+    # s: mean 0.2778, stdev 0.3456 -> limit 0.6234 drops 0.9, 0.8; t: mean 0.2111, stdev 0.2315 -> 0.4426
+    # drops 0.7; t == 0 drops the causal zeros.
+    assert keep == [[True, False, False], [False, True, False], [False, True, False]]
+    s_vec, t_vec = _column_means(s, keep), _column_means(t, keep)
+    assert s_vec == pytest.approx([0.5, 0.1, 0.0]) and t_vec == pytest.approx([0.4, 0.2, 0.0])
+    S, T = torch.tensor([s], dtype=torch.float64), torch.tensor([t], dtype=torch.float64)
+    got = slice_loss(S, T, None, loss="cosine", reduce="mean", sink_filter=True)
+    assert math.isclose(float(got), 1 - _cos(s_vec, t_vec), rel_tol=1e-12)
+    assert torch.equal(sink_keep(S, T, None)[0], torch.tensor(keep))
+    # Per-row variant: the dropped entries are zero in both rows.
+    per_row = [1 - _cos([x * k for x, k in zip(sr, kr)], [y * k for y, k in zip(tr, kr)])
+               for sr, tr, kr in zip(s, t, keep)]
+    got = slice_loss(S, T, None, loss="cosine", reduce="rows", sink_filter=True)
+    assert math.isclose(float(got), statistics.fmean(per_row), rel_tol=1e-12)
+    # The filtered entries carry no gradient to the student.
     Sg = S.clone().requires_grad_()
-    slice_loss(Sg, T, torch.ones(1), loss="cosine", sink_filter=True).backward()
-    assert Sg.grad[0, 1] == 0 and Sg.grad[0, 3] == 0
-    assert bool((Sg.grad[0, [0, 2, 4, 5]] != 0).all())
+    slice_loss(Sg, T, None, loss="cosine", reduce="mean", sink_filter=True).backward()
+    assert bool((Sg.grad[0][~torch.tensor(keep)] == 0).all()) and bool((Sg.grad[0][torch.tensor(keep)] != 0).all())
 
 
-def test_sink_filter_uses_population_std():
-    # mean 0.5125; population std 0.5128 → threshold 1.0253; sample std 0.5922 → 1.1047.
-    # 1.05 is dropped by the population rule only.
-    # t's own threshold (0.375 + 0.0559) drops its key 0 only.
-    s = [0.0, 0.0, 1.0, 1.05]
-    t = [0.45, 0.3, 0.4, 0.35]
-    s_f, t_f, drop = _sink_filtered(s, t)
-    assert drop == [True, False, False, True]
-    got = slice_loss(torch.tensor([[s]]), torch.tensor([[t]]), None, loss="mse", sink_filter=True)
-    ref = sum((x - y) ** 2 for x, y in zip(s_f, t_f)) / 4
-    assert math.isclose(float(got), ref, rel_tol=1e-5)
+def test_sink_filter_uses_bessels_correction():
+    # One block where an entry lies between mean + population std and mean + sample std: kept only with
+    # Bessel's correction (torch.std's default, the authors' choice).
+    s = [[0.0, 0.0], [1.0, 1.05]]
+    t = [[0.45, 0.3], [0.4, 0.35]]
+    flat = [0.0, 0.0, 1.0, 1.05]
+    assert statistics.fmean(flat) + statistics.pstdev(flat) < 1.05 <= statistics.fmean(flat) + statistics.stdev(flat)
+    keep = sink_keep(torch.tensor([s]), torch.tensor([t]), None)[0]
+    assert bool(keep[1, 1]) and keep.tolist() == _block_filter(s, t)
 
 
-def test_sink_filter_random_rows_match_reference():
+def test_sink_filter_statistics_cover_only_the_samples_rows():
     gen = make_gen(9)
-    s, t = rand(2, 3, 10, gen=gen), rand(2, 3, 10, gen=gen)
-    s[0, 0, 4] = 6.0   # a student sink
-    t[1, 2, 7] = 6.0   # a teacher sink
-    w = _weights(2, 3, gen)
-    w[0, 0] = w[1, 2] = 1.0
-    num = den = 0.0
+    s, t = rand(2, 5, 6, gen=gen), rand(2, 5, 6, gen=gen)
+    s[0, 1, 4] = 6.0   # a student sink
+    t[1, 2, 3] = 6.0   # a teacher sink
+    w = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0]])
+    keep = sink_keep(s, t, w)
     for b in range(2):
-        for r in range(3):
-            s_f, t_f, _ = _sink_filtered(s[b, r].tolist(), t[b, r].tolist())
-            num += float(w[b, r]) * (1 - _cos(s_f, t_f))
-            den += float(w[b, r])
-    got = slice_loss(s, t, w, loss="cosine", sink_filter=True)
-    assert math.isclose(float(got), num / den, rel_tol=1e-5, abs_tol=1e-7)
-    # Pooled (B, N) form, as in the "code" preset.
-    got = slice_loss(s[:, 0], t[:, 0], torch.ones(2), loss="cosine", sink_filter=True)
-    ref = statistics.fmean(1 - _cos(*_sink_filtered(s[b, 0].tolist(), t[b, 0].tolist())[:2]) for b in range(2))
-    assert math.isclose(float(got), ref, rel_tol=1e-5, abs_tol=1e-7)
+        rows = [r for r in range(5) if w[b, r] > 0]
+        expected = _block_filter([s[b, r].tolist() for r in rows], [t[b, r].tolist() for r in rows])
+        assert keep[b, rows].tolist() == expected
+        assert not bool(keep[b, [r for r in range(5) if w[b, r] == 0]].any())
+    for reduce in ("rows", "mean"):
+        num = den = 0.0
+        for b in range(2):
+            rows = [r for r in range(5) if w[b, r] > 0]
+            s_rows, t_rows = [s[b, r].tolist() for r in rows], [t[b, r].tolist() for r in rows]
+            k = _block_filter(s_rows, t_rows)
+            if reduce == "mean":
+                num += 1 - _cos(_column_means(s_rows, k), _column_means(t_rows, k))
+                den += 1
+            else:
+                for sr, tr, kr in zip(s_rows, t_rows, k):
+                    num += 1 - _cos([x * c for x, c in zip(sr, kr)], [y * c for y, c in zip(tr, kr)])
+                    den += 1
+        got = slice_loss(s, t, w, loss="cosine", reduce=reduce, sink_filter=True)
+        assert math.isclose(float(got), num / den, rel_tol=1e-5), reduce
+
+
+def test_mean_reduce_without_filter_is_the_row_weighted_mean():
+    gen = make_gen(16)
+    s, t = rand(2, 4, 7, gen=gen), rand(2, 4, 7, gen=gen)
+    w = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    got = slice_loss(s, t, w, loss="mse", reduce="mean")
+    pooled_s = (s[0, [0, 2, 3]]).mean(0)
+    pooled_t = (t[0, [0, 2, 3]]).mean(0)
+    assert math.isclose(float(got), float((pooled_s - pooled_t).pow(2).mean()), rel_tol=1e-6)
+    # The same as the kernel's pooled vectors with one weight per sample.
+    assert torch.allclose(got, slice_loss(torch.stack([pooled_s, s[1, 0]]), torch.stack([pooled_t, t[1, 0]]),
+                                          torch.tensor([1.0, 0.0]), loss="mse"))
+
+
+def test_float64_slices_give_a_float64_loss():
+    gen = make_gen(17)
+    s, t = rand(2, 3, 5, gen=gen).double(), rand(2, 3, 5, gen=gen).double()
+    for reduce in ("rows", "mean"):
+        got = slice_loss(s, t, None, loss="cosine", reduce=reduce, sink_filter=True)
+        assert got.dtype == torch.float64
 
 
 @pytest.mark.parametrize("loss", ["cosine", "mse", "kl"])
@@ -621,6 +699,10 @@ def test_slice_loss_bad_arguments():
         slice_loss(s, rand(2, 18, gen=gen), None, loss="cosine")
     with pytest.raises(ValueError, match=r"^loss\b"):
         slice_loss(s, s.clone(), None, loss="l1")
+    with pytest.raises(ValueError, match=r"^reduce\b"):
+        slice_loss(s, s.clone(), None, loss="cosine", reduce="sum")
+    with pytest.raises(ValueError, match=r"^student\b.*sink filter"):
+        slice_loss(s[:, 0], s[:, 0].clone(), None, loss="cosine", sink_filter=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -669,25 +751,28 @@ def test_combine_layers_sum_and_mean():
 
 
 def test_end_to_end_code_preset_pipeline():
-    """The code preset's pieces together: 7 student layers, pooled visual rows, sink filter, summed."""
+    """The code preset's pieces together on 24/40 layers: 7 student layers, N×N visual blocks, teacher
+    windows of 5, the block filter, column pooling, summed over layers, averaged over the batch."""
     gen = make_gen(15)
     cfg = VAT_PRESETS["code"]
-    students = resolve_layers(24, cfg.student_layers, argument="vat.student_layers")
-    teachers = resolve_layers(40, cfg.teacher_layers, argument="vat.teacher_layers")
+    students, teachers = _code_layers(24, "student"), _code_layers(40, "teacher")
     matches = match_layers(students, teachers, cfg.matching)
-    teacher_slices = {layer: rand(2, 16, gen=gen) for layer in teachers}
-    student_slices = {layer: rand(2, 16, gen=gen) for layer in students}
+    n = 6
+    causal = torch.ones(n, n).tril()
+    teacher_slices = {layer: rand(2, n, n, gen=gen) * causal for layer in teachers}
+    student_slices = {layer: rand(2, n, n, gen=gen) * causal for layer in students}
     targets = group_targets(teacher_slices, matches)
-    per_layer = {layer: slice_loss(student_slices[layer], targets[layer], torch.ones(2), loss=cfg.loss,
-                                   sink_filter=cfg.sink_filter) for layer in students}
+    per_layer = {layer: slice_loss(student_slices[layer], targets[layer], torch.ones(2, n), loss=cfg.loss,
+                                   reduce=cfg.reduce, sink_filter=cfg.sink_filter) for layer in students}
     total = combine_layers(per_layer, cfg.layer_reduction)
     ref = 0.0
     for j, layer in enumerate(students):
-        target = [sum(teacher_slices[t][b, n] for t in range(13 + j, 18 + j)).item() / 5
-                  for b in range(2) for n in range(16)]
         for b in range(2):
-            s_f, t_f, _ = _sink_filtered(student_slices[layer][b].tolist(), target[16 * b:16 * (b + 1)])
-            ref += (1 - _cos(s_f, t_f)) / 2
+            s_rows = student_slices[layer][b].tolist()
+            t_rows = [[sum(teacher_slices[t][b, r, c].item() for t in range(13 + j, 18 + j)) / 5 for c in range(n)]
+                      for r in range(n)]
+            keep = _block_filter(s_rows, t_rows)
+            ref += (1 - _cos(_column_means(s_rows, keep), _column_means(t_rows, keep))) / 2
     assert math.isclose(float(total), ref, rel_tol=1e-4, abs_tol=1e-6)
 
 
