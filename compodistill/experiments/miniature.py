@@ -65,11 +65,11 @@ class Scale:
 SCALES = {
     # The committed results/miniature.md.
     "full": Scale("full", num_train=20000, num_test=1000, cr_items=None, curve_items=200, vision_steps=400,
-                  teacher_steps=800, student_steps=400, snapshots=(50, 100, 150, 200, 300), seeds=(0, 1, 2),
+                  teacher_steps=400, student_steps=150, snapshots=(50, 100), seeds=(0, 1, 2),
                   analysis_items=100),
     # The main job's default: teacher, then SFT, KD and CompoDistill with 2 seeds, in minutes.
     "demo": Scale("demo", num_train=20000, num_test=1000, cr_items=None, curve_items=150, vision_steps=400,
-                  teacher_steps=800, student_steps=200, snapshots=(100, 150), seeds=(0, 1), analysis_items=60),
+                  teacher_steps=300, student_steps=150, snapshots=(50, 100), seeds=(0, 1), analysis_items=60),
     # CI's smoke test: every stage and file, in seconds; the numbers mean nothing.
     "smoke": Scale("smoke", num_train=96, num_test=40, cr_items=6, curve_items=3, vision_steps=4, teacher_steps=4,
                    student_steps=4, snapshots=(2,), seeds=(0,), analysis_items=2, batch=8, warmup_steps=1),

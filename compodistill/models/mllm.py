@@ -157,7 +157,7 @@ PRESETS = {
                                    num_attention_heads=4, num_key_value_heads=4), vision=_TINY_VISION),
     # The miniature reproduction's pair (compodistill.experiments.miniature): one vision patch per grid
     # cell; a 4-layer teacher of width 128 and a 3-layer student of width 64.
-    "miniature-teacher": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    "miniature-teacher": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=4), vision=_TINY_VISION),
     "miniature-student": dict(text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                                         num_attention_heads=2, num_key_value_heads=2), vision=_TINY_VISION),

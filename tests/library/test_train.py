@@ -315,17 +315,6 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and "optim.lrr: unknown key" in out and "Traceback" not in out
 
 
-def test_quick_demo_runs_end_to_end(tmp_path):
-    proc = _cli("--quick", "--no-progress", "--demo-root", tmp_path / "demo", cwd=tmp_path)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["results"]) == {"teacher", "SFT student", "KD student", "CompoDistill"}
-    for row in results["results"].values():
-        assert 0.0 <= row["cr"] <= 1.0 and 0.0 <= row["vqa"] <= 1.0 and len(row["cr_subsets"]) == 7
-    assert "| model | VQA | CR avg |" in out and results["note"]
-
-
 def test_learning_rate_schedule_warms_up_then_decays():
     from compodistill.training import lr_lambda
 
