@@ -81,7 +81,7 @@ def dft_setup(teacher_name, student_name, device, teacher_layers=None, student_l
     for mllm in (teacher, student):
         mllm.model.to(device)
         mllm.model.model.vision_tower.requires_grad_(False)  # frozen in every stage
-    config = DistillConfig(weights="dft", vat=VATConfig(student_layers="all", teacher_layers="all",
+    config = DistillConfig(vat=VATConfig(student_layers="all", teacher_layers="all",
                                                         matching="group", query_rows="text"))
     distiller = Distiller(student, teacher, config, backend="auto").train()
     return DFTSetup(distiller, device)
@@ -144,8 +144,8 @@ def eager_dft_losses(distiller: Distiller, batch) -> dict:
     student_hidden = student_out.last_hidden_state
     del student_out, student_slices
     losses = lm_and_kd_losses(student_hidden, batch["labels"], student.lm_head, teacher_hidden=teacher_hidden,
-                              teacher_head=teacher.lm_head, kind=cfg.kd_kind, temperature=cfg.temperature,
-                              chunk_size=cfg.chunk_size)
+                              teacher_head=teacher.lm_head, kind=cfg.kd.kind, temperature=cfg.kd.temperature,
+                              chunk_size=cfg.kd.chunk_size)
     losses["vat"] = combine_layers(per_layer, cfg.vat.layer_reduction)
     losses["loss"] = sum(cfg.weights[name] * losses[name] for name in ("lm", "kd", "vat"))
     return losses

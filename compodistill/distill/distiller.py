@@ -11,6 +11,7 @@ frozen, in eval mode, under no_grad, and out of the module's parameters and stat
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,43 +26,75 @@ from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
 from .vat import VATConfig, combine_layers, group_targets, query_rows, resolve_layers, slice_loss
 
-STAGE_WEIGHTS = {
-    "dpt": {"lm": 1.0, "kd": 1.0, "vat": 0.0},
-    "dft": {"lm": 1.0, "kd": 1.0, "vat": 1.0},
-    "sft": {"lm": 1.0, "kd": 0.0, "vat": 0.0},
-}
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of each loss term; 0 switches it off. lm: the student's next-token cross-entropy on
+    the supervised tokens; kd: logit distillation from the teacher; vat: visual attention alignment."""
+
+    lm: float = 1.0
+    kd: float = 0.0
+    vat: float = 0.0
+
+    def __post_init__(self):
+        for name in ("lm", "kd", "vat"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"losses.{name}: expected a weight >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.lm + self.kd + self.vat <= 0:
+            raise ValueError("losses: every weight is 0; nothing would train")
+
+    def as_dict(self) -> dict:
+        return {"lm": self.lm, "kd": self.kd, "vat": self.vat}
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Logit KD: `kind` (forward_kl, reverse_kl, jsd), `temperature` > 0, and `chunk_size`, the rows of
+    logits formed at a time (see kd.lm_and_kd_losses)."""
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if self.kind not in KD_KINDS:
+            raise ValueError(f"kd.kind: expected one of {list(KD_KINDS)}, got {self.kind!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"kd.temperature: expected > 0, got {self.temperature!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"kd.chunk_size: expected an int > 0, got {self.chunk_size!r}")
 
 
 @dataclass
 class DistillConfig:
-    """Loss weights (0 switches a term off), logit-KD settings and the VAT configuration."""
+    """What the Distiller computes: loss weights, logit-KD settings and the VAT configuration. The same
+    classes are the `losses`, `kd` and `vat` sections of a training stage's config. Dicts are accepted
+    for each (a `vat` dict may name a preset)."""
 
-    weights: dict = field(default_factory=lambda: dict(STAGE_WEIGHTS["dft"]))
-    kd_kind: str = "forward_kl"
-    temperature: float = 1.0
-    chunk_size: int = 1024
+    weights: LossWeights = field(default_factory=lambda: LossWeights(lm=1.0, kd=1.0, vat=1.0))
+    kd: KDConfig = field(default_factory=KDConfig)
     vat: VATConfig = field(default_factory=VATConfig)
 
     def __post_init__(self):
-        if isinstance(self.weights, str):
-            if self.weights not in STAGE_WEIGHTS:
-                raise ValueError(f"weights: expected a stage name {sorted(STAGE_WEIGHTS)} or a dict, got {self.weights!r}")
-            self.weights = dict(STAGE_WEIGHTS[self.weights])
-        unknown = set(self.weights) - {"lm", "kd", "vat"}
-        if unknown:
-            raise ValueError(f"weights: unknown loss names {sorted(unknown)}; expected lm, kd, vat")
-        for name, value in self.weights.items():
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"weights.{name}: expected a number >= 0, got {value!r}")
-        self.weights = {name: float(self.weights.get(name, 0.0)) for name in ("lm", "kd", "vat")}
-        if self.kd_kind not in KD_KINDS:
-            raise ValueError(f"kd_kind: expected one of {KD_KINDS}, got {self.kd_kind!r}")
+        if isinstance(self.weights, dict):
+            unknown = set(self.weights) - {"lm", "kd", "vat"}
+            if unknown:
+                raise ValueError(f"losses: unknown loss names {sorted(unknown)}; expected lm, kd, vat")
+            self.weights = LossWeights(**{"lm": 0.0, "kd": 0.0, "vat": 0.0, **self.weights})
+        if isinstance(self.kd, dict):
+            self.kd = KDConfig(**self.kd)
         if isinstance(self.vat, dict):
             self.vat = VATConfig.from_dict(self.vat)
+        for name, cls in (("weights", LossWeights), ("kd", KDConfig), ("vat", VATConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name}: expected a {cls.__name__} or a dict, got {getattr(self, name)!r}")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.weights["kd"] > 0 or self.weights["vat"] > 0
+        return self.weights.kd > 0 or self.weights.vat > 0
 
 
 def _unwrap(model):
@@ -127,7 +160,7 @@ class Distiller(nn.Module):
         self.image_token_id = int(s_cfg.image_token_id)
         self.num_image_tokens = image_token_count(s_cfg)
         self.matches = None
-        if self.config.weights["vat"] > 0:
+        if self.config.weights.vat > 0:
             vat = self.config.vat
             self.student_layers = resolve_layers(num_language_model_layers(self.student), vat.student_layers,
                                                  argument="vat.student_layers", side="student")
@@ -142,10 +175,10 @@ class Distiller(nn.Module):
 
     def describe(self) -> str:
         """A few lines on the losses and the layer matching, for the training summary."""
-        w = self.config.weights
+        w = self.config.weights.as_dict()
         lines = ["losses: " + ", ".join(f"{k}×{v:g}" for k, v in w.items() if v > 0)]
         if w["kd"] > 0:
-            lines.append(f"kd: {self.config.kd_kind}, temperature {self.config.temperature:g}")
+            lines.append(f"kd: {self.config.kd.kind}, temperature {self.config.kd.temperature:g}")
         if w["vat"] > 0:
             vat = self.config.vat
             lines.append(f"vat: {vat.loss} over {vat.query_rows} rows, reduce {vat.reduce}, "
@@ -214,7 +247,7 @@ class Distiller(nn.Module):
         return similarity
 
     def forward(self, batch: dict) -> dict:
-        cfg, w = self.config, self.config.weights
+        cfg, w = self.config, self.config.weights.as_dict()
         need_vat = w["vat"] > 0
         if need_vat and self.matches is None:
             self.calibrate(batch)
@@ -242,7 +275,7 @@ class Distiller(nn.Module):
         losses = lm_and_kd_losses(
             student_hidden, batch["labels"], student_head,
             teacher_hidden=teacher_hidden if w["kd"] > 0 else None, teacher_head=teacher_head,
-            kind=cfg.kd_kind, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
+            kind=cfg.kd.kind, temperature=cfg.kd.temperature, chunk_size=cfg.kd.chunk_size,
         )
         if need_vat:
             losses["vat"] = self._vat_loss(student_probe, targets, rows)

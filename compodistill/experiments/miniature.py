@@ -29,11 +29,10 @@ from dataclasses import dataclass, field, replace
 from ..data.benchmarks import read_sugarcrepe
 from ..data.negatives import CR_SUBSETS
 from ..data.synth import generate_miniature
-from ..distill import VATConfig
 from ..models import build_preset, parts
 from ..training import StageConfig, evolve, load_config, run_stage
-from ..training.config import CheckpointConfig, DataConfig, LogConfig, LossWeights, ModelConfig, OptimConfig, \
-    TrainConfig
+from ..distill import LossWeights, VATConfig
+from ..training.config import CheckpointConfig, DataConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
 from . import report
 from .evaluation import bin_by_similarity, caption_analysis, evaluate_saved, load_for_inference
 from .vision import pretrain_vision_tower

@@ -27,7 +27,7 @@ import yaml
 
 from compodistill_kernels import BACKENDS
 
-from ..distill import KD_KINDS, VAT_PRESETS, DistillConfig, VATConfig
+from ..distill import VAT_PRESETS, DistillConfig, KDConfig, LossWeights, VATConfig
 
 TRAINABLE_PARTS = ("projector", "post_projector", "lm", "lora", "vision", "all")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -75,23 +75,6 @@ class DataConfig:
     padding_side: str = "right"
     num_workers: int = 0
     feature_cache: bool = False
-
-
-@dataclass
-class LossWeights:
-    """The weight of each loss term; 0 switches it off. lm: the student's next-token cross-entropy on
-    the supervised tokens; kd: logit distillation from the teacher; vat: visual attention alignment."""
-
-    lm: float = 1.0
-    kd: float = 0.0
-    vat: float = 0.0
-
-
-@dataclass
-class KDConfig:
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    chunk_size: int = 1024
 
 
 @dataclass
@@ -165,9 +148,8 @@ class StageConfig:
         return os.path.join(self.output_dir, "final")
 
     def distill_config(self) -> DistillConfig:
-        """The losses of this stage as the Distiller takes them."""
-        return DistillConfig(weights=dataclasses.asdict(self.losses), kd_kind=self.kd.kind,
-                             temperature=self.kd.temperature, chunk_size=self.kd.chunk_size, vat=self.vat)
+        """The losses of this stage as the Distiller takes them (the same objects)."""
+        return DistillConfig(weights=self.losses, kd=self.kd, vat=self.vat)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,6 +183,17 @@ def _build(cls, values, prefix: str):
             raise ValueError(str(err) if str(err).startswith("vat") else f"vat: {err}") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    if cls in (LossWeights, KDConfig):  # validated by their own constructors, with the key in the message
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{prefix}.{unknown[0]}: unknown key; expected one of {sorted(names)}")
+        for name, value in values.items():
+            if hints[name] is float and isinstance(value, int) and not isinstance(value, bool):
+                values = {**values, name: float(value)}
+            elif not _type_ok(value, hints[name]):
+                raise ValueError(f"{prefix}.{name}: expected {hints[name].__name__}, got {value!r} "
+                                 f"({type(value).__name__})")
+        return cls(**values)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key; expected one of {sorted(names)}")
@@ -236,19 +229,10 @@ def validate(config: StageConfig) -> StageConfig:
     for key, value in (("seed", config.seed), ("model.seed", config.model.seed)):
         if value < 0:
             raise ValueError(f"{key}: expected an int >= 0, got {value}")
-    for name in ("lm", "kd", "vat"):
-        value = getattr(config.losses, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"losses.{name}: expected a weight >= 0, got {value}")
-    if config.losses.lm + config.losses.kd + config.losses.vat <= 0:
-        raise ValueError("losses: every weight is 0; nothing would train")
     if config.needs_teacher and config.model.teacher is None:
         raise ValueError(f"model.teacher: stage {config.stage!r} needs a teacher (kd {config.losses.kd:g}, "
                          f"vat {config.losses.vat:g}, taf {config.model.taf}, "
                          f"vision_from_teacher {config.model.vision_from_teacher})")
-    _choice("kd.kind", config.kd.kind, KD_KINDS)
-    if not config.kd.temperature > 0:
-        raise ValueError(f"kd.temperature: expected > 0, got {config.kd.temperature}")
     if not config.data.json:
         raise ValueError("data.json: expected the path of a LLaVA JSON/JSONL file")
     if not config.data.image_folder:
@@ -265,7 +249,7 @@ def validate(config: StageConfig) -> StageConfig:
                 "train.batch_size": config.train.batch_size, "train.grad_accum": config.train.grad_accum,
                 "train.log_every": config.train.log_every, "checkpoint.every": config.checkpoint.every,
                 "checkpoint.keep": config.checkpoint.keep, "data.max_length": config.data.max_length,
-                "lora.r": config.lora.r, "kd.chunk_size": config.kd.chunk_size}
+                "lora.r": config.lora.r}
     for key, value in positive.items():
         if not value > 0:
             raise ValueError(f"{key}: expected > 0, got {value}")

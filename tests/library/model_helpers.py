@@ -117,9 +117,9 @@ def eager_losses(student_model, teacher_model, batch, config, matches):
     target = labels[:, 1:]
     sel = target != -100
     out = {"lm": F.cross_entropy(logits[sel], target[sel])}
-    w = config.weights
+    w = config.weights.as_dict()
     if w["kd"] > 0:
-        T = config.temperature
+        T = config.kd.temperature
         vs = logits.shape[-1]
         log_ps = F.log_softmax(logits[sel] / T, -1)
         log_pt = F.log_softmax(t_out.logits[:, :-1].float()[sel][:, :vs] / T, -1)

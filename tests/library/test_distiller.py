@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compodistill.distill import DistillConfig, Distiller, VATConfig
+from compodistill.distill import DistillConfig, Distiller, KDConfig, LossWeights, VATConfig
 from compodistill.models import build_preset, enable_gradient_checkpointing
 
 from ..common import TRITON_SKIP_REASON, triton_runnable
@@ -41,7 +41,7 @@ def test_distillation_step_equals_eager_computation(backend, case, padding):
     if backend == "triton" and not triton_runnable():
         pytest.skip(TRITON_SKIP_REASON)
     teacher, student = tiny_pair()
-    config = DistillConfig(vat=VAT_CASES[case], temperature=2.0)
+    config = DistillConfig(vat=VAT_CASES[case], kd=KDConfig(temperature=2.0))
     batch = make_batch(student, padding=padding, answer_gap=True)
     distiller = Distiller(student, teacher, config, backend=backend).train()
     want, reference = eager_losses(student.model, teacher.model, batch, config, distiller.matches)
@@ -74,11 +74,11 @@ def test_teacher_is_frozen_unregistered_and_in_eval_mode():
     assert all(p.grad is None for p in distiller.teacher.parameters())
 
 
-@pytest.mark.parametrize("stage,names", [("dpt", {"lm", "kd"}), ("sft", {"lm"}), ("dft", {"lm", "kd", "vat"})])
-def test_stage_weights_pick_the_losses(stage, names):
+@pytest.mark.parametrize("names", [{"lm", "kd"}, {"lm"}, {"lm", "kd", "vat"}], ids=["lm-kd", "lm", "lm-kd-vat"])
+def test_loss_weights_pick_the_losses(names):
     teacher, student = tiny_pair()
-    config = DistillConfig(weights=stage, vat=VATConfig(**LAYERS))
-    distiller = Distiller(student, teacher if stage != "sft" else None, config, backend="torch")
+    config = DistillConfig(weights=LossWeights(**{n: 1.0 for n in names}), vat=VATConfig(**LAYERS))
+    distiller = Distiller(student, teacher if names != {"lm"} else None, config, backend="torch")
     out = distiller(make_batch(student))
     assert set(out) == names | {"loss"}
     assert torch.allclose(out["loss"], sum(out[n] for n in names))
@@ -135,9 +135,10 @@ def test_describe_names_losses_and_layer_windows():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(vat=VATConfig(student_layers=[7])), "vat.student_layers"),
     (dict(vat=VATConfig(teacher_layers=[1, 2], student_layers=[1, 2, 3])), "group"),
-    (dict(weights={"lm": 1.0, "vatt": 1.0}), "weights"),
-    (dict(weights={"lm": -1.0}), "weights.lm"),
-    (dict(kd_kind="kl"), "kd_kind"),
+    (dict(weights={"lm": 1.0, "vatt": 1.0}), "losses"),
+    (dict(weights={"lm": -1.0}), "losses.lm"),
+    (dict(kd={"kind": "kl"}), "kd.kind"),
+    (dict(kd="forward_kl"), "kd"),
 ])
 def test_bad_configurations_fail_clearly(kwargs, match):
     teacher, student = tiny_pair()

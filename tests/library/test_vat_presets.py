@@ -61,7 +61,7 @@ def _run(pair, preset, backend, padding, dtype):
     teacher.model.to(dtype), student.model.to(dtype)
     depths = (student.model.config.text_config.num_hidden_layers, teacher.model.config.text_config.num_hidden_layers)
     students, windows = (code_layers if preset == "code" else paper_layers)(*depths)
-    config = DistillConfig(weights="dft", vat=VATConfig.from_dict({"preset": preset}))
+    config = DistillConfig(vat=VATConfig.from_dict({"preset": preset}))
     distiller = Distiller(student, teacher, config, backend=backend).train()
     assert [m.student_layer for m in distiller.matches] == students
     assert [list(m.teacher_layers) for m in distiller.matches] == windows
