@@ -2,13 +2,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# Two import packages: `compodistill` (the library) and `compodistill_kernels`, which lives in the
-# top-level folder `kernels/` (not importable as `kernels`: that name belongs to Hugging Face's
-# `kernels` distribution, which transformers probes for).
-kernel_packages = ["compodistill_kernels"] + [
-    "compodistill_kernels." + p for p in find_packages("kernels")
-]
-library_packages = find_packages(include=["compodistill", "compodistill.*"]) + ["compodistill.configs"]
+# Two import packages: `compodistill` (the library) and `compodistill_kernels` (the kernels, which import
+# only torch and triton). The kernel folder is not called `kernels/`: that name belongs to Hugging Face's
+# `kernels` distribution, which transformers imports, and a folder of that name on sys.path (the
+# repository root under `python -m` or pytest) would shadow it.
+packages = find_packages(include=["compodistill", "compodistill.*", "compodistill_kernels", "compodistill_kernels.*"])
 
 setup(
     name="compodistill",
@@ -17,9 +15,9 @@ setup(
     "with fused Triton attention-alignment kernels",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=library_packages + kernel_packages,
+    packages=packages + ["compodistill.configs"],
     # The stage configs live in the top-level configs/ folder and install as compodistill.configs.
-    package_dir={"compodistill": "compodistill", "compodistill_kernels": "kernels", "compodistill.configs": "configs"},
+    package_dir={"compodistill.configs": "configs"},
     package_data={"compodistill.configs": ["*.yaml"]},
     python_requires=">=3.9",
     install_requires=[

@@ -147,7 +147,7 @@ def eager_dft_losses(distiller: Distiller, batch) -> dict:
                               teacher_head=teacher.lm_head, kind=cfg.kd.kind, temperature=cfg.kd.temperature,
                               chunk_size=cfg.kd.chunk_size)
     losses["vat"] = combine_layers(per_layer, cfg.vat.layer_reduction)
-    losses["loss"] = sum(cfg.weights[name] * losses[name] for name in ("lm", "kd", "vat"))
+    losses["loss"] = sum(getattr(cfg.weights, name) * losses[name] for name in ("lm", "kd", "vat"))
     return losses
 
 
