@@ -3,10 +3,15 @@ and the one relative-error measure with its NaN/inf checks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from compodistill_kernels.attention.validate import interpreting, triton_available
+
+#: The repository root: the working directory for tests that run the CLIs as a user would.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -23,9 +23,9 @@ from compodistill.models import IMAGE_TOKEN
 from compodistill.evaluate import (CR_PROTOCOLS, _caption_answer, choice_settled, evaluate_cr, evaluate_vqa,
                                    evaluate_yes_no, letter_token_ids, main, normalize_answer, parse_choice,
                                    parse_yes_no, stop_token_ids)
+from ..common import REPO
 from .model_helpers import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CR_DATA = {
     "swap_att": {

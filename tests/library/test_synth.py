@@ -20,7 +20,8 @@ from compodistill.data.statements import (And, Count, Desc, Exists, HasAttr, Rel
 from compodistill.data.synth import generate
 from compodistill.models.tokenizer import _WORDS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..common import REPO
+
 VOCAB = Vocabulary(colors=("red", "green", "blue", "yellow"), shapes=("circle", "square", "triangle", "star"))
 
 

@@ -21,7 +21,8 @@ from compodistill.data.statements import (And, Desc, Exists, Relation, dense_cap
                                           matching, parse_dense_caption, parse_phrase, phrase_text)
 from compodistill.data.synth import MINIATURE_COLORS, MINIATURE_SHAPES, generate_miniature, main, miniature_vocabulary
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..common import REPO
+
 NUM_TRAIN, NUM_TEST, QUESTIONS = 60, 80, 3
 
 
