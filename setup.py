@@ -15,9 +15,7 @@ setup(
     "with fused Triton attention-alignment kernels",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=packages + ["compodistill.configs"],
-    # The stage configs live in the top-level configs/ folder and install as compodistill.configs.
-    package_dir={"compodistill.configs": "configs"},
+    packages=packages,
     package_data={"compodistill.configs": ["*.yaml"]},
     python_requires=">=3.9",
     install_requires=[

@@ -1,7 +1,7 @@
 """`python -m compodistill.train`: train one stage, a chain of stages, or (with no arguments) the demo.
 
     python -m compodistill.train                                      # the miniature demo on the CPU
-    python -m compodistill.train --config configs/dft.yaml optim.lr=1e-4 train.max_steps=100
+    python -m compodistill.train --config compodistill/configs/dft.yaml optim.lr=1e-4 train.max_steps=100
     python -m compodistill.train --config dft --resume                # continue from the newest good checkpoint
     python -m compodistill.train --pipeline compodistill --root runs  # DPT → DFT → SFT
     python -m compodistill.train --pipeline ablations                 # the full miniature reproduction

@@ -2,7 +2,7 @@
 
 A stage is fully described by its `StageConfig`: which model trains and which parts of it, from which
 teacher, on which data, with which losses and weights (`losses`, `kd`, `vat`), optimizer and schedule.
-The packaged YAMLs in `configs/` (installed as `compodistill.configs`) are the stages this library
+The packaged YAMLs in `compodistill/configs/` are the stages this library
 ships; the `stage` key is the stage's name, nothing more: what a stage does is what its config says.
 
     config = load_config("dft", ["optim.lr=1e-4", "vat.preset=code"])   # a packaged name or a path
@@ -318,13 +318,13 @@ def evolve(config: StageConfig, **changes) -> StageConfig:
 # ---------------------------------------------------------------------------------------------------
 
 def packaged_config_names() -> list[str]:
-    """Configs shipped with the package (the repository's configs/ folder)."""
+    """Configs shipped with the package (compodistill/configs/)."""
     folder = resources.files("compodistill.configs")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def resolve_config_path(path_or_name: str) -> str:
-    """A YAML path, or the name of a packaged config ("dft" → configs/dft.yaml)."""
+    """A YAML path, or the name of a packaged config ("dft" → compodistill/configs/dft.yaml)."""
     if os.path.isfile(path_or_name):
         return path_or_name
     name = os.path.basename(path_or_name)

@@ -1,0 +1,1 @@
+"""The packaged stage configs: one YAML per stage (`--config dft` finds dft.yaml here)."""

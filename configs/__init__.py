@@ -1,1 +1,0 @@
-"""Stage configs, installed as the package data `compodistill.configs` (`--config dft` finds dft.yaml)."""
