@@ -15,6 +15,7 @@ cuobjdump; the PTX says whether Hopper's wgmma is used.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -30,7 +31,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from . import triton_impl, triton_kernels
-from .validate import SliceSpec
+from .validate import SliceMode, SliceSpec
 
 # Max dynamic shared memory per block (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -71,13 +72,32 @@ def _recording(sink):
         triton_impl._launch = saved_launch
 
 
+def _parameters(fn):
+    """[(name, is_constexpr)] of a kernel, compiled (JITFunction) or interpreted (TRITON_INTERPRET=1)."""
+    if hasattr(fn, "params"):
+        return [(p.name, p.is_constexpr) for p in fn.params]
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(fn.fn).parameters.items()]
+
+
 def _signature(fn, args, kwargs):
     """(signature, constexprs, attrs, options) as Triton's JIT specializes this launch: pointers (torch
     allocations are 16-byte aligned; meta tensors report address 0) and integers divisible by 16 get
-    tt.divisibility=16, an integer equal to 1 becomes a constant."""
-    names = fn.arg_names
+    tt.divisibility=16, an integer equal to 1 becomes a constant. The launchers pass every argument by
+    keyword; positional ones are bound to the kernel's parameters in order."""
+    options = {name: kwargs[name] for name in _LAUNCH_OPTIONS if name in kwargs}
+    bound = dict(zip(fn.arg_names, args))
+    bound.update((name, value) for name, value in kwargs.items() if name not in _LAUNCH_OPTIONS)
+    unknown = set(bound) - set(fn.arg_names)
+    missing = set(fn.arg_names) - set(bound)
+    if unknown or missing:
+        raise TypeError(f"{fn.__name__}: unknown arguments {sorted(unknown)}, missing {sorted(missing)}")
     signature, constexprs, attrs = {}, {}, {}
-    for index, (name, value) in enumerate(zip(names, args)):
+    for index, (name, is_constexpr) in enumerate(_parameters(fn)):
+        value = bound[name]
+        if is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
         if not isinstance(value, (torch.Tensor, bool, int, float)):
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
         kind, spec = native_specialize_impl(CUDABackend, value, False, True, True)
@@ -86,22 +106,16 @@ def _signature(fn, args, kwargs):
             constexprs[name] = spec
         elif isinstance(spec, str) and spec:
             attrs[(index,)] = CUDABackend.parse_attr(spec)
-    options = {}
-    for name, value in kwargs.items():
-        if name in _LAUNCH_OPTIONS:
-            options[name] = value
-        else:
-            signature[name] = "constexpr"
-            constexprs[name] = value
     return signature, constexprs, attrs, options
 
 
 def recorded_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(16, 24, 64, 80, 128, 256),
                       flag_sets=((True, True), (False, False)), group=1):
     """Every distinct (kernel, signature, constexprs, attrs, options) the launchers produce for these dtypes,
-    head dims and (causal, key padding mask) flag sets, with each slice mode and every configuration of
-    the autotuning space. group = Hq / Hkv: 1 (the models' multi-head attention) is specialized as a
-    constant by the JIT, so grouped-query attention (group > 1) compiles to different code."""
+    head dims and (causal, key padding mask) flag sets, with each slice mode, both backwards (two-kernel
+    and one-pass) and every configuration of the autotuning space. group = Hq / Hkv: 1 (the models'
+    multi-head attention) is specialized as a constant by the JIT, so grouped-query attention (group > 1)
+    compiles to different code."""
     sink = []
     B, Hkv, L, Lq, Nv = 2, 2, 300, 40, 60
     H = Hkv * group
@@ -117,14 +131,17 @@ def recorded_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), hea
                     out, lse = triton_impl.attn_fwd(q, k, k, 0.1, causal, mask)
                     f32 = dict(dtype=torch.float32, device="meta")
                     rows, teacher, w = torch.empty(B, Lq, Nv, **f32), torch.empty(B, Lq, Nv, **f32), torch.empty(B, Lq, **f32)
-                    for mode in (0, 1, 2):
+                    for mode in SliceMode:
                         triton_impl.slice_fwd(q, k, lse, 0.1, causal, mask, spec, mode, weight=w, teacher=teacher)
-                    triton_impl.attn_bwd(q, k, k, out, lse, out, lse, 0.1, causal, mask)
-                    grads = {0: (0, rows, None, None, None, None),
-                             1: (1, None, w, None, torch.empty(B, Nv, **f32), None),
-                             2: (2, None, w, w, None, teacher)}
-                    for mode in (0, 1, 2):
-                        triton_impl.attn_bwd(q, k, k, out, lse, out, lse, 0.1, causal, mask, spec, grads[mode])
+                    SliceGrad = triton_impl.SliceGrad
+                    grads = [None, SliceGrad(SliceMode.ROWS, dslice=rows),
+                             SliceGrad(SliceMode.MEAN, row_share=w, dmean=torch.empty(B, Nv, **f32)),
+                             SliceGrad(SliceMode.ALIGN, teacher_coef=w, student_coef=w, teacher=teacher,
+                                       student=rows)]
+                    for deterministic in (True, False):
+                        for grad in grads:
+                            triton_impl.attn_bwd(q, k, k, out, lse, out, lse, 0.1, causal, mask,
+                                                 spec if grad is not None else None, grad, deterministic)
     unique = {}
     for fn, args, kwargs in sink:
         signature, constexprs, attrs, options = _signature(fn, args, kwargs)

@@ -4,13 +4,14 @@ are differentiable with respect to q, k and v."""
 from __future__ import annotations
 
 from . import torch_impl
-from .validate import (BACKENDS, check_common, check_eps, check_qkv, check_reduce, check_slice,
-                       check_triton_shapes, resolve_backend)
+from .validate import (BACKENDS, SliceMode, check_common, check_deterministic, check_eps, check_qkv, check_reduce,
+                       check_slice, check_triton_shapes, resolve_backend)
 
 
-def _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask):
+def _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_deterministic(deterministic)
     check_qkv(q, k, v, backend)
     backend = resolve_backend(backend, q)
     if backend == "triton":
@@ -19,7 +20,8 @@ def _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask):
     return backend, scale
 
 
-def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mask=None, backend="auto"):
+def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mask=None, backend="auto",
+                    deterministic=True):
     """Attention output and log-sum-exp, without forming the L×L matrix.
 
     Args:
@@ -29,6 +31,11 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mas
         softmax_scale: defaults to 1/sqrt(D).
         key_padding_mask: (B, L) bool, True = real token; padded keys are never attended.
         backend: "triton", "torch" or "auto" (Triton for CUDA tensors, torch otherwise).
+        deterministic: which Triton backward runs. True (default): two kernels, dK/dV per key tile and
+            dQ per query tile, no atomics, bit-identical gradients from run to run. False: one kernel,
+            dK/dV per key tile with dQ accumulated in fp32 by atomics (five matmuls per tile instead of
+            seven); the order of the dQ sums, and so its last bits, varies between runs. The torch
+            backend is deterministic either way.
 
     Returns:
         out (B, Hq, L, D) in q's dtype; lse (B, Hq, L) float32, natural log. A row with no visible key
@@ -36,24 +43,25 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mas
 
     Memory kept for the backward: q, k, v, out and lse (Triton); q, k, v (torch, which recomputes).
     """
-    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic)
     if backend == "triton":
         from .triton_impl import triton_attention
-        out, lse, _ = triton_attention(q, k, v, scale, causal, key_padding_mask, None, "flash")
+        out, lse, _ = triton_attention(q, k, v, scale, causal, key_padding_mask, None, None,
+                                       deterministic=deterministic)
         return out, lse
     return torch_impl.flash_forward(q, k, v, scale, causal, key_padding_mask)
 
 
 def attention_with_visual_slice(q, k, v, visual_start, visual_len, query_start, query_len, *, reduce="rows",
                                 row_weight=None, causal=True, softmax_scale=None, key_padding_mask=None,
-                                backend="auto"):
+                                backend="auto", deterministic=True):
     """Attention output plus the head-averaged attention of some query rows over the visual keys.
 
     The slice is a[b, i, j] = (1/Hq) Σ_h P_h[query_start[b] + i, visual_start[b] + j], where P_h is
     head h's softmax(q kᵀ · scale) with the causal and padding masks applied.
 
     Args:
-        q, k, v, causal, softmax_scale, key_padding_mask, backend: as in `flash_attention`.
+        q, k, v, causal, softmax_scale, key_padding_mask, backend, deterministic: as in `flash_attention`.
         visual_start, query_start: (B,) integer tensors, per-sample offsets of the visual keys and of
             the query rows.
         visual_len, query_len: ints >= 1; start + len must lie in [0, L] for every sample.
@@ -68,19 +76,20 @@ def attention_with_visual_slice(q, k, v, visual_start, visual_len, query_start, 
     Memory kept for the backward: q, k, v, out, lse and the offsets (Triton); the slice gradient
     (B, query_len, visual_len) float32 exists only inside the backward.
     """
-    reduce = check_reduce(reduce)
-    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    mode = check_reduce(reduce)
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic)
     spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight)
     if backend == "triton":
         from .triton_impl import triton_attention
-        out, _, slc = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, reduce)
+        out, _, slc = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, mode,
+                                       deterministic=deterministic)
         return out, slc
-    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, reduce)
+    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, mode)
 
 
 def attention_with_alignment(q, k, v, teacher_slice, visual_start, visual_len, query_start, query_len, *,
                              row_weight=None, eps=1e-8, causal=True, softmax_scale=None, key_padding_mask=None,
-                             backend="auto"):
+                             backend="auto", deterministic=True):
     """Attention output plus the cosine alignment loss of the student's visual slice to the teacher's.
 
     loss = Σ_{b,i} w[b,i] · (1 − cos(a[b,i,:], teacher_slice[b,i,:])) / Σ w, with a the head-mean
@@ -96,17 +105,19 @@ def attention_with_alignment(q, k, v, teacher_slice, visual_start, visual_len, q
     Returns:
         out (B, Hq, L, D) in q's dtype; loss, a 0-dim float32 tensor. Both differentiable w.r.t. q, k, v.
 
-    Memory kept for the backward (Triton): q, k, v, out, lse, the teacher slice and four floats per
-    slice row; the student slice is never written. The slice gradient (B, query_len, visual_len) float32
-    exists only inside the backward.
+    Memory kept for the backward (Triton): q, k, v, out, lse, the teacher slice, the student slice
+    (B, query_len, visual_len) float32 (so the backward computes each head's probabilities on the visual
+    columns once, not twice) and four floats per slice row; nothing L×L. The slice gradient, of the same
+    shape, exists only inside the backward.
     """
     eps = check_eps(eps)
-    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask)
+    backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic)
     spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice)
     teacher_slice = teacher_slice.detach()
     if backend == "triton":
         from .triton_impl import triton_attention
-        out, _, loss = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, "align", teacher_slice, eps)
+        out, _, loss = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, SliceMode.ALIGN,
+                                        teacher_slice, eps, deterministic=deterministic)
         return out, loss
-    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, "align",
+    return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, SliceMode.ALIGN,
                                            teacher_slice, eps)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .validate import SliceMode
+
 # Elements of one block of scores (B·Hq·C·L); 2^24 fp32 is 64 MiB.
 SCORE_BLOCK_ELEMENTS = 1 << 24
 
@@ -110,7 +112,7 @@ def _slice_loss_block(q_rows, k_vis, lse_rows, row_pos, col_pos, col_ok, scale, 
 
 
 def visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, mode, teacher=None, eps=1e-8):
-    """mode "rows" -> (out, slc (B, Lq, Nv)); "mean" -> (out, slc (B, Nv)); "align" -> (out, loss)."""
+    """By SliceMode: ROWS -> (out, slc (B, Lq, Nv)); MEAN -> (out, slc (B, Nv)); ALIGN -> (out, loss)."""
     out, lse = flash_forward(q, k, v, scale, causal, key_padding_mask)
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -135,14 +137,14 @@ def visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, mode, t
         r1 = min(Lq, r0 + step)
         common = (q_rows[:, :, :, r0:r1], k_vis, lse_rows[:, :, :, r0:r1], row_pos_all[:, r0:r1], col_pos,
                   col_ok, scale, causal)
-        if mode == "align":
+        if mode == SliceMode.ALIGN:
             pieces.append(run(_slice_loss_block, *common, teacher[:, r0:r1].to(cd), weight[:, r0:r1], eps))
         else:
             a = run(_slice_block, *common)
-            pieces.append(a if mode == "rows" else torch.einsum("bi,bij->bj", weight[:, r0:r1], a))
-    if mode == "rows":
+            pieces.append(a if mode == SliceMode.ROWS else torch.einsum("bi,bij->bj", weight[:, r0:r1], a))
+    if mode == SliceMode.ROWS:
         return out, torch.cat(pieces, dim=1)
-    if mode == "mean":
+    if mode == SliceMode.MEAN:
         total = weight.sum(dim=1, keepdim=True)
         return out, sum(pieces) / torch.where(total > 0, total, torch.ones_like(total))
     total = weight.sum()

@@ -1,6 +1,6 @@
 """Triton kernels: flash attention forward/backward with the visual-slice terms folded in.
 
-Notation (DESIGN.md §2): P_h = exp(S_h − lse_h), S_h = q kᵀ · scale; the head-mean visual slice is
+Notation (docs/kernels.md): P_h = exp(S_h − lse_h), S_h = q kᵀ · scale; the head-mean visual slice is
 a[b, i, j] = (1/H) Σ_h P_h[qs_b + i, vs_b + j]; G = ∂L/∂a. Scores are kept in base 2: qk_scale =
 scale · log2(e) and lse2 = lse · log2(e), so P = exp2(q·k · qk_scale − lse2), one FMA and one exp2.
 
@@ -13,15 +13,23 @@ Rows past L are loaded with lse = +inf, so their P = exp2(−inf) = 0 without a 
 that has no allowed key is −inf, and every key of such a row is masked out by the causal or padding
 mask, so a select (never a multiply) zeroes its P.
 
+The slice kernels take the slice mode (validate.SliceMode) as the compile-time MODE and compare it with
+MODE_ROWS, MODE_MEAN and MODE_ALIGN below.
+
 Every kernel takes contiguous (B, H, L, D) tensors; per-sample offsets vs_b, qs_b come from memory.
 """
 
 import triton
 import triton.language as tl
 
+from .validate import SliceMode
+
 LOG2E = 1.4426950408889634  # host side: qk_scale = scale * LOG2E
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+MODE_ROWS = tl.constexpr(SliceMode.ROWS.value)
+MODE_MEAN = tl.constexpr(SliceMode.MEAN.value)
+MODE_ALIGN = tl.constexpr(SliceMode.ALIGN.value)
 
 
 @triton.jit
@@ -67,7 +75,7 @@ def _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, KPM,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                      H, GROUP, L, D, qk_scale,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
@@ -96,10 +104,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     else:
         inner_hi = (L // BLOCK_N) * BLOCK_N
         edge_hi = L
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs_d, d_ok, L, D,
-                                   qk_scale, 0, inner_hi, False, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, K, V, KPM, kv_base, mask_base, offs_m, offs_d, d_ok, L, D,
-                                   qk_scale, inner_hi, edge_hi, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_tiles(acc=acc, l_i=l_i, m_i=m_i, q=q, K=K, V=V, KPM=KPM, kv_base=kv_base,
+                                   mask_base=mask_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, L=L, D=D,
+                                   qk_scale=qk_scale, lo=0, hi=inner_hi, EDGE=False, CAUSAL=CAUSAL,
+                                   HAS_MASK=HAS_MASK, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _fwd_key_tiles(acc=acc, l_i=l_i, m_i=m_i, q=q, K=K, V=V, KPM=KPM, kv_base=kv_base,
+                                   mask_base=mask_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, L=L, D=D,
+                                   qk_scale=qk_scale, lo=inner_hi, hi=edge_hi, EDGE=True, CAUSAL=CAUSAL,
+                                   HAS_MASK=HAS_MASK, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
 
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -107,7 +119,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KPM,
     # natural-log lse = ln2 · (m + log2 l); −inf for a row with no allowed key
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     m_ok = offs_m < L
-    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(OUT + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
 
@@ -163,13 +175,15 @@ def _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, of
     """a = (1/H) Σ_h P_h[rows, visual cols] for one tile; 0 without any head's work when not `live`."""
     a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for head in range(0, tl.where(live, H, 0)):
-        a += _head_probs(Q, K, LSE, b, head, pos_m, pos_n, row_ok, col_ok, valid, offs_d, d_ok, GROUP, D, L,
-                         qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, H, PRECISION)
+        a += _head_probs(Q=Q, K=K, LSE=LSE, b=b, head=head, pos_m=pos_m, pos_n=pos_n, row_ok=row_ok, col_ok=col_ok,
+                         valid=valid, offs_d=offs_d, d_ok=d_ok, GROUP=GROUP, D=D, L=L, qk_scale=qk_scale,
+                         stride_qb=stride_qb, stride_qh=stride_qh, stride_kb=stride_kb, stride_kh=stride_kh, H=H,
+                         PRECISION=PRECISION)
     return a * inv_h
 
 
 @triton.jit
-def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
+def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, ROW_WEIGHT, TEACHER, SLC, ROW_TILE_SUMS, ROW_STATS,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
@@ -177,36 +191,42 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, W, TEACHER, SLC, PART, STATS,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Head-mean visual slice a for one (slice-row tile, visual-column tile), over all heads.
 
-    MODE 0: write a into SLC (B, Lq, Nv). MODE 1: write Σ_rows w·a into PART (B, n_row_tiles, Nv).
-    MODE 2: write this column tile's share of a·t, |a|², |t|² into STATS (B, n_col_tiles, Lq, 3);
-    a itself is never stored.
+    MODE_ROWS: write a into SLC (B, Lq, Nv).
+    MODE_MEAN: write Σ_rows w·a into ROW_TILE_SUMS (B, n_row_tiles, Nv).
+    MODE_ALIGN: write a into SLC (the backward reads it back instead of recomputing every head's P) and
+    this column tile's share of a·t, |a|², |t|² into ROW_STATS (B, n_col_tiles, Lq, 3).
     """
     b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
-        VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+        VS=VS, QS=QS, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, offs_d, d_ok, H, GROUP, D, L,
-                         qk_scale, inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M, BLOCK_N)
+    a = _head_mean_slice(Q=Q, K=K, LSE=LSE, b=b, pos_m=pos_m, pos_n=pos_n, row_ok=row_ok, col_ok=col_ok,
+                         valid=valid, live=live, offs_d=offs_d, d_ok=d_ok, H=H, GROUP=GROUP, D=D, L=L,
+                         qk_scale=qk_scale, inv_h=inv_h, stride_qb=stride_qb, stride_qh=stride_qh,
+                         stride_kb=stride_kb, stride_kh=stride_kh, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+                         BLOCK_N=BLOCK_N)
     in_r = offs_r < Lq
     in_c = offs_c < Nv
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
     tile_ok = in_r[:, None] & in_c[None, :]
-    if MODE == 0:
+    if MODE == MODE_ROWS:
         tl.store(SLC + tile, a, mask=tile_ok)
-    if MODE == 1:
-        w = tl.load(W + b * Lq + offs_r, mask=in_r, other=0.0)
-        tl.store(PART + (b * tl.num_programs(0) + tl.program_id(0)) * Nv + offs_c, tl.sum(a * w[:, None], 0),
-                 mask=in_c)
-    if MODE == 2:
+    if MODE == MODE_MEAN:
+        w = tl.load(ROW_WEIGHT + b * Lq + offs_r, mask=in_r, other=0.0)
+        tl.store(ROW_TILE_SUMS + (b * tl.num_programs(0) + tl.program_id(0)) * Nv + offs_c,
+                 tl.sum(a * w[:, None], 0), mask=in_c)
+    if MODE == MODE_ALIGN:
+        tl.store(SLC + tile, a, mask=tile_ok)
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        stats = STATS + ((b * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r) * 3
+        stats = ROW_STATS + ((b * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r) * 3
         tl.store(stats, tl.sum(a * t, 1), mask=in_r)
         tl.store(stats + 1, tl.sum(a * a, 1), mask=in_r)
         tl.store(stats + 2, tl.sum(t * t, 1), mask=in_r)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess_kernel(OUT, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Δ = rowsum(dO ∘ O) − dlse: the lse output's gradient enters dS = P·(dP − Δ) through Δ."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -215,70 +235,76 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BLOC
     m_ok = offs_m < L
     mask = m_ok[:, None] & (offs_d[None, :] < D)
     ptr = bh * L * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + ptr, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1) - tl.load(DLSE + bh * L + offs_m, mask=m_ok, other=0.0)
     tl.store(DELTA + bh * L + offs_m, delta, mask=m_ok)
 
 
 @triton.jit
-def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, GIN, ROWC1, ROWC2, COLV, TEACHER, G, DG_PART,
+def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, DSLICE, ROW_SHARE, DMEAN, TEACHER_COEF, STUDENT_COEF, TEACHER, SLC,
+                      G, DELTA_PART,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
                       PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """For one (slice-row tile, visual-column tile): writes G/H = (∂L/∂a)/H into G (B, Lq, Nv) and, per
-    head, this tile's share of (1/H) Σ_j P_h[i, j] G[i, j] into DG_PART (B, H, n_col_tiles, Lq); the
-    launcher adds its sum over column tiles to Δ.
+    head, this tile's share of (1/H) Σ_j P_h[i, j] G[i, j] into DELTA_PART (B, H, n_col_tiles, Lq); the
+    launcher adds its sum over column tiles to Δ. The inputs are the fields of triton_impl.SliceGrad:
 
-    MODE 0: G = GIN (the slice's gradient). MODE 1 (mean): G[i, j] = ROWC1[i] · COLV[j].
-    MODE 2 (alignment): G = ROWC1[i] · t[i, j] + ROWC2[i] · a[i, j], recomputing a.
+    MODE_ROWS:  G = DSLICE (the slice's upstream gradient).
+    MODE_MEAN:  G[i, j] = ROW_SHARE[i] · DMEAN[j].
+    MODE_ALIGN: G[i, j] = TEACHER_COEF[i] · t[i, j] + STUDENT_COEF[i] · a[i, j], a read from SLC (written
+    by the forward), so each head's P is computed once per tile.
     A tile hidden by the causal mask has P = 0 for every head: its shares are 0 without computing P.
     """
     b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
-        VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+        VS=VS, QS=QS, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     in_r = offs_r < Lq
     in_c = offs_c < Nv
     tile = b * Lq * Nv + offs_r[:, None] * Nv + offs_c[None, :]
     tile_ok = in_r[:, None] & in_c[None, :]
-    if MODE == 0:
-        g = tl.load(GIN + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    if MODE == 1:
-        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=in_r, other=0.0)
-        g = c1[:, None] * tl.load(COLV + b * Nv + offs_c, mask=in_c, other=0.0)[None, :]
-    if MODE == 2:
-        c1 = tl.load(ROWC1 + b * Lq + offs_r, mask=in_r, other=0.0)
-        c2 = tl.load(ROWC2 + b * Lq + offs_r, mask=in_r, other=0.0)
-        a = _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, offs_d, d_ok, H, GROUP, D,
-                             L, qk_scale, inv_h, stride_qb, stride_qh, stride_kb, stride_kh, PRECISION, BLOCK_M,
-                             BLOCK_N)
+    if MODE == MODE_ROWS:
+        g = tl.load(DSLICE + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    if MODE == MODE_MEAN:
+        share = tl.load(ROW_SHARE + b * Lq + offs_r, mask=in_r, other=0.0)
+        g = share[:, None] * tl.load(DMEAN + b * Nv + offs_c, mask=in_c, other=0.0)[None, :]
+    if MODE == MODE_ALIGN:
+        c_t = tl.load(TEACHER_COEF + b * Lq + offs_r, mask=in_r, other=0.0)
+        c_a = tl.load(STUDENT_COEF + b * Lq + offs_r, mask=in_r, other=0.0)
+        a = tl.load(SLC + tile, mask=tile_ok, other=0.0)
         t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        g = c1[:, None] * t + c2[:, None] * a
+        g = c_t[:, None] * t + c_a[:, None] * a
     g = g * inv_h
     tl.store(G + tile, g, mask=tile_ok)
     n_live = tl.where(live, H, 0)
-    part = DG_PART + (b * H * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r
+    part = DELTA_PART + (b * H * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r
     part_stride = tl.num_programs(1) * Lq
     for head in range(0, n_live):
-        p = _head_probs(Q, K, LSE, b, head, pos_m, pos_n, row_ok, col_ok, valid, offs_d, d_ok, GROUP, D, L,
-                        qk_scale, stride_qb, stride_qh, stride_kb, stride_kh, H, PRECISION)
+        p = _head_probs(Q=Q, K=K, LSE=LSE, b=b, head=head, pos_m=pos_m, pos_n=pos_n, row_ok=row_ok, col_ok=col_ok,
+                        valid=valid, offs_d=offs_d, d_ok=d_ok, GROUP=GROUP, D=D, L=L, qk_scale=qk_scale,
+                        stride_qb=stride_qb, stride_qh=stride_qh, stride_kb=stride_kb, stride_kh=stride_kh, H=H,
+                        PRECISION=PRECISION)
         tl.store(part + head * part_stride, tl.sum(p * g, 1), mask=in_r)
     for head in range(n_live, H):
         tl.store(part + head * part_stride, tl.zeros([BLOCK_M], tl.float32), mask=in_r)
 
 
 @triton.jit
-def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d, d_ok, key_ok,
-                      col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo, hi,
-                      EDGE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """Accumulate dK (unscaled) and dV of one key tile over the query tiles [lo, hi) of one head.
+def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, DQ_ACC, q_base, row_base, g_base, offs_n, offs_d, d_ok,
+                      key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo, hi,
+                      EDGE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key tile over the query tiles [lo, hi) of one head; with
+    ATOMIC_DQ also add each query tile's dS·K (unscaled) into the fp32 accumulator DQ_ACC.
 
     Tiles are transposed: rows are keys, columns are queries. EDGE tiles cross the causal diagonal.
-    Key rows past L (the ragged last key tile) only feed dK/dV rows that are never stored.
+    Key rows past L (the ragged last key tile) only feed dK/dV rows that are never stored, and have k = 0,
+    so they add nothing to dQ.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -302,21 +328,29 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_ba
                 g_ok = col_ok[:, None] & ((row >= 0) & (row < Lq))[None, :]
                 dpt += tl.load(G + g_base + row[None, :] * Nv + col[:, None], mask=g_ok, other=0.0)
         # dS = P · (dP + G/H − Δ)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            # dQ_i += Σ_j dS[i, j] K_j, summed over the key tiles by atomics (fp32)
+            dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
+            tl.atomic_add(DQ_ACC + q_base + offs_m[:, None] * D + offs_d[None, :], dq,
+                          mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV, DQ_ACC,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                           H, HKV, GROUP, L, D, Lq, Nv, qk_scale, sm_scale,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
-                          PRECISION: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV for one key tile of one kv head, summed over its GROUP query heads (no atomics).
 
     dV = Σ Pᵀ dO;  dS = P · (dO·Vᵀ + G/H − Δ);  dK = scale · Σ dSᵀ Q.
+    ATOMIC_DQ (the one-pass backward): also dQ += dS K into DQ_ACC, fp32 (B, H, L, D) zeroed by the launcher,
+    unscaled; five matmuls per tile instead of the two-kernel backward's seven, in an order that varies
+    from run to run.
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -360,12 +394,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV,
         q_base = b * stride_qb + h * stride_qh
         row_base = (b * H + h) * L
         if CAUSAL:
-            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d,
-                                       d_ok, key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo,
-                                       tl.minimum(inner_lo, L), True, HAS_MASK, HAS_G, PRECISION, BLOCK_M)
-        dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, q_base, row_base, g_base, offs_n, offs_d,
-                                   d_ok, key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, inner_lo, L,
-                                   False, HAS_MASK, HAS_G, PRECISION, BLOCK_M)
+            dk, dv = _dkdv_query_tiles(
+                dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, q_base=q_base,
+                row_base=row_base, g_base=g_base, offs_n=offs_n, offs_d=offs_d, d_ok=d_ok, key_ok=key_ok, col=col,
+                col_ok=col_ok, tile_visual=tile_visual, qs=qs, L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=qk_scale, lo=lo,
+                hi=tl.minimum(inner_lo, L), EDGE=True, HAS_MASK=HAS_MASK, HAS_G=HAS_G, ATOMIC_DQ=ATOMIC_DQ,
+                PRECISION=PRECISION, BLOCK_M=BLOCK_M)
+        dk, dv = _dkdv_query_tiles(
+            dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, q_base=q_base,
+            row_base=row_base, g_base=g_base, offs_n=offs_n, offs_d=offs_d, d_ok=d_ok, key_ok=key_ok, col=col,
+            col_ok=col_ok, tile_visual=tile_visual, qs=qs, L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=qk_scale, lo=inner_lo,
+            hi=L, EDGE=False, HAS_MASK=HAS_MASK, HAS_G=HAS_G, ATOMIC_DQ=ATOMIC_DQ, PRECISION=PRECISION,
+            BLOCK_M=BLOCK_M)
     out_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + kv_base + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=out_mask)
@@ -454,11 +494,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
     else:
         inner_hi = (L // BLOCK_N) * BLOCK_N
         edge_hi = L
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
-                       row_in, rows_slice, vs, L, D, Nv, qk_scale, 0, inner_hi, False, CAUSAL, HAS_MASK, HAS_G,
-                       PRECISION, BLOCK_N)
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
-                       row_in, rows_slice, vs, L, D, Nv, qk_scale, inner_hi, edge_hi, True, CAUSAL, HAS_MASK, HAS_G,
-                       PRECISION, BLOCK_N)
+    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, kv_base=kv_base,
+                       mask_base=mask_base, g_base=g_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, row=row,
+                       row_in=row_in, rows_slice=rows_slice, vs=vs, L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=0,
+                       hi=inner_hi, EDGE=False, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G, PRECISION=PRECISION,
+                       BLOCK_N=BLOCK_N)
+    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, kv_base=kv_base,
+                       mask_base=mask_base, g_base=g_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, row=row,
+                       row_in=row_in, rows_slice=rows_slice, vs=vs, L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=inner_hi,
+                       hi=edge_hi, EDGE=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G, PRECISION=PRECISION,
+                       BLOCK_N=BLOCK_N)
     tl.store(DQ + q_base + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 import importlib.util
 import math
 import numbers
@@ -18,6 +19,22 @@ ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_ONLY_DTYPES = (torch.float64,)  # the torch path also takes float64, for gradcheck
 MAX_TRITON_HEAD_DIM = 256
 BACKENDS = ("auto", "triton", "torch")  # "auto": Triton for CUDA tensors, torch otherwise
+
+
+class SliceMode(enum.IntEnum):
+    """What the fused attention computes from the head-mean visual slice a (B, query_len, visual_len).
+
+    The same names run from the public functions down to the Triton kernels, where the value is the
+    compile-time `MODE` of the slice kernels. Plain attention (`flash_attention`) has no slice mode (None).
+
+    ROWS:  the slice a itself (`attention_with_visual_slice(reduce="rows")`).
+    MEAN:  its row_weight-weighted mean over the rows, (B, visual_len) (`reduce="mean"`).
+    ALIGN: the cosine alignment loss of a against a teacher slice (`attention_with_alignment`).
+    """
+
+    ROWS = 0
+    MEAN = 1
+    ALIGN = 2
 
 
 @dataclass
@@ -247,7 +264,18 @@ def check_eps(eps):
     return float(eps)
 
 
-def check_reduce(reduce):
-    if reduce not in ("rows", "mean"):
+_REDUCE_MODES = {"rows": SliceMode.ROWS, "mean": SliceMode.MEAN}
+
+
+def check_reduce(reduce) -> SliceMode:
+    """The SliceMode of `attention_with_visual_slice(reduce=...)`."""
+    if not isinstance(reduce, str) or reduce not in _REDUCE_MODES:
         _fail("reduce", "'rows' or 'mean'", repr(reduce))
-    return reduce
+    return _REDUCE_MODES[reduce]
+
+
+def check_deterministic(deterministic) -> bool:
+    if not isinstance(deterministic, bool):
+        _fail("deterministic", "a bool (True: the two-kernel backward without atomics; False: the one-pass "
+                               "backward with dQ accumulated by atomics)", repr(deterministic))
+    return deterministic

@@ -244,14 +244,16 @@ OUTPUT_NAMES = {"flash": ("out", "lse"), "slice_rows": ("out", "slc"), "slice_me
                 "align": ("out", "loss")}
 
 
-def call(kind: str, case: Case, inp: Inputs, q, k, v, backend: Optional[str]):
+def call(kind: str, case: Case, inp: Inputs, q, k, v, backend: Optional[str], deterministic: Optional[bool] = None):
     """Run `kind` on (q, k, v); backend None runs the float64 naive reference on float64 copies of the
-    other inputs."""
+    other inputs. deterministic None leaves the functions' default backward."""
     ref = backend is None
     mask = inp.mask
     common = dict(causal=case.causal, softmax_scale=case.scale, key_padding_mask=mask)
     if not ref:
         common["backend"] = backend
+        if deterministic is not None:
+            common["deterministic"] = deterministic
     row_weight = inp.row_weight
     teacher = inp.teacher
     if ref:
@@ -276,14 +278,15 @@ def upstream(kind: str, inp: Inputs):
     return inp.do, second
 
 
-def forward_backward(kind: str, case: Case, inp: Inputs, backend: Optional[str], dtype=None):
+def forward_backward(kind: str, case: Case, inp: Inputs, backend: Optional[str], dtype=None,
+                     deterministic: Optional[bool] = None):
     """Forward and backward on fresh leaves; returns ({name: output}, {dq, dk, dv}). Kernel runs (backend
     not None) allocate under poisoned_empty()."""
     dtype = torch.float64 if backend is None else dtype
     leaves = [t.detach().to(dtype).requires_grad_() for t in (inp.q, inp.k, inp.v)]
     grads = [g.to(device=inp.q.device) for g in upstream(kind, inp)]
     with poisoned_empty() if backend is not None else contextlib.nullcontext():
-        outs = call(kind, case, inp, *leaves, backend)
+        outs = call(kind, case, inp, *leaves, backend, deterministic)
         torch.autograd.backward(list(outs), [g.to(dtype=o.dtype) for o, g in zip(outs, grads)])
     for name, leaf in zip("qkv", leaves):
         assert leaf.grad is not None, f"d{name}: no gradient reached {name}"
@@ -292,7 +295,7 @@ def forward_backward(kind: str, case: Case, inp: Inputs, backend: Optional[str],
 
 
 def check_contract(kind: str, case: Case, outs: dict, dtype: torch.dtype) -> None:
-    """Output shapes and dtypes as in DESIGN.md's kernel contract."""
+    """Output shapes and dtypes as in the kernel contract (docs/kernels.md)."""
     B, Hq, L, D = case.B, case.Hq, case.L, case.D
     out = outs["out"]
     assert tuple(out.shape) == (B, Hq, L, D), f"out: shape {tuple(out.shape)}"
@@ -306,11 +309,12 @@ def check_contract(kind: str, case: Case, outs: dict, dtype: torch.dtype) -> Non
 
 
 def check_against_reference(kind: str, case: Case, backend: str, dtype: torch.dtype, device, gen,
-                            tol: Optional[dict] = None):
-    """The full recipe for one case; returns (kernel outputs, kernel grads, ref outputs, ref grads)."""
+                            tol: Optional[dict] = None, deterministic: Optional[bool] = None):
+    """The full recipe for one case; returns (kernel outputs, kernel grads, ref outputs, ref grads).
+    deterministic picks the Triton backward (None: the functions' default)."""
     inp = make_inputs(case, dtype, device, gen)
     ref_outs, ref_grads = forward_backward(kind, case, inp, None)
-    outs, grads = forward_backward(kind, case, inp, backend, dtype)
+    outs, grads = forward_backward(kind, case, inp, backend, dtype, deterministic)
     check_contract(kind, case, outs, dtype)
     tol = tol or tolerance(dtype, device, backend)
     for name, ref in ref_outs.items():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ..common import backend_dtypes
-from .helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, check_against_reference, \
-    interpreting, triton_runnable
+from .helpers import DEVICE, DTYPE_NAMES, TRITON_SKIP_REASON, Case, check_against_reference, \
+    triton_runnable
 
 
 BACKEND_DTYPES = backend_dtypes()

@@ -1,6 +1,7 @@
 """Every Triton kernel configuration the launchers can pick compiles ahead of time for sm_80 and sm_90,
-on this machine, no GPU needed. The interpreter accepts kernels a GPU compile rejects (tl.dot shapes,
-layouts, shared-memory size); this is the check that catches those."""
+on this machine, no GPU needed, both backwards (the two-kernel one and the one-pass one with atomic dQ).
+The interpreter accepts kernels a GPU compile rejects (tl.dot shapes, layouts, shared-memory size); this
+is the check that catches those."""
 
 import os
 import subprocess
@@ -16,8 +17,8 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "compodistill_kernels.attention.aot_check", "--arch", "80", "90"],
-        # 708 compilations (every autotuning candidate at the models' head dims): 8 min on 2 idle cores,
-        # over 20 min on a busy machine
+        # 828 compilations (every autotuning candidate at the models' head dims, both backwards): ~10 min
+        # on 2 idle cores, far longer on a busy machine
         env=env, capture_output=True, text=True, timeout=3600,
     )
     report = proc.stdout + proc.stderr
@@ -29,6 +30,9 @@ def test_every_launch_configuration_compiles_for_sm80_and_sm90(tmp_path):
         for name in ("_attn_fwd_kernel", "_slice_fwd_kernel", "_bwd_preprocess_kernel", "_slice_bwd_kernel",
                      "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
             assert (arch, name) in kernels, f"{name} was not compiled for sm_{arch}"
+        one_pass = [row for row in rows if row[0] == arch and row[1] == "_attn_bwd_dkdv_kernel"
+                    and "ATOMIC_DQ=True" in " ".join(row)]
+        assert one_pass, f"the one-pass backward (ATOMIC_DQ=True) was not compiled for sm_{arch}"
     spilling = [" ".join(row) for row in rows if int(row[5]) > 0]
     assert not spilling, "kernels spill registers to local memory:\n" + "\n".join(spilling)
     # Hopper's warpgroup MMA: the fp16/bf16 matmul kernels must use wgmma on sm_90 for head dims up to 128

@@ -2,7 +2,8 @@
 
 bf16, fp16 and fp32; sequence lengths near 1000 with SigLIP-sized images (576 and 729 visual tokens);
 head dims 64, 80 and 128; Qwen1.5-1.8B-like heads (16/16) and grouped-query heads (20/4); all three
-functions with backward; NaN edge cases at these sizes. Its CPU twin (small shapes, interpreter) is
+functions with backward, both backwards (the default two-kernel one and the one-pass one with atomic dQ);
+NaN edge cases at these sizes. Its CPU twin (small shapes, interpreter) is
 tests/kernels/test_attention.py, which on a GPU machine also runs against the compiled kernels.
 """
 
@@ -73,9 +74,19 @@ def test_all_row_weights_zero(gen):
     assert outs["loss"].item() == 0.0
 
 
+ONE_PASS_CASES = [CASES[0], CASES[1], EDGE_CASES[0].values[0]]
+
+
+@pytest.mark.parametrize("case", ONE_PASS_CASES, ids=lambda c: c.slice_id)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_pass_backward_against_reference(dtype, kind, case, gen):
+    check_against_reference(kind, case, "triton", dtype, "cuda", gen, deterministic=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic(dtype, gen):
-    # no atomics: two runs give bit-identical outputs and gradients
+    # the default backward has no atomics: two runs give bit-identical outputs and gradients
     case = CASES[2]
     inp = make_inputs(case, dtype, "cuda", gen)
     first = forward_backward("align", case, inp, "triton", dtype)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ..common import backend_dtypes
-from .helpers import DEVICE, DTYPE_NAMES, HAS_CUDA, TRITON_SKIP_REASON, Case, assert_finite, \
-    check_against_reference, interpreting, triton_runnable
+from .helpers import DEVICE, Case, assert_finite, \
+    check_against_reference
 
 
 pytestmark = pytest.mark.parametrize("backend, dtype", backend_dtypes(torch_bf16=False))

@@ -99,8 +99,16 @@ def test_hidden_tiles_give_exact_zeros(dtype, gen):
 # --------------------------------------------------------------------------------------------------
 # Autotuning space
 # --------------------------------------------------------------------------------------------------
+# kind -> the kernels launched with its configurations; the one-pass backward is the dK/dV kernel with ATOMIC_DQ
 KERNELS_OF_KIND = {"fwd": ("_attn_fwd_kernel",), "slice": ("_slice_fwd_kernel", "_slice_bwd_kernel"),
-                   "dkdv": ("_attn_bwd_dkdv_kernel",), "dq": ("_attn_bwd_dq_kernel",)}
+                   "dkdv": ("_attn_bwd_dkdv_kernel",), "dq": ("_attn_bwd_dq_kernel",),
+                   "onepass": ("_attn_bwd_dkdv_kernel",)}
+
+
+def _launch_kind(name, constexprs):
+    if name == "_attn_bwd_dkdv_kernel":
+        return "onepass" if constexprs["ATOMIC_DQ"] else "dkdv"
+    return next(kind for kind, names in KERNELS_OF_KIND.items() if name in names)
 
 
 def test_aot_check_enumerates_the_whole_autotune_space():
@@ -119,9 +127,10 @@ def test_aot_check_enumerates_the_whole_autotune_space():
                 for name in names:
                     compiled = {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], o["num_warps"], o["num_stages"])
                                 for fn, sig, c, _, o in launches
-                                if fn.__name__ == name and sig["Q"] == ptr and c["BLOCK_D"] == space[0][2]}
-                    assert compiled == set(space), f"{name} {dtype} D={D}: aot_check compiles {compiled}, " \
-                                                   f"the autotuner may pick {set(space)}"
+                                if fn.__name__ == name and _launch_kind(name, c) == kind and sig["Q"] == ptr
+                                and c["BLOCK_D"] == space[0][2]}
+                    assert compiled == set(space), f"{name} ({kind}) {dtype} D={D}: aot_check compiles " \
+                                                   f"{compiled}, the autotuner may pick {set(space)}"
     assert tuned > 0, "no kernel kind has more than one configuration to choose from"
 
 
