@@ -1,7 +1,7 @@
 """Measurement shared by the benchmark files.
 
 Every benchmark records in `benchmark.extra_info`: what ran (op, provider, mode, shape, dtype, device),
-median_ms (median of pytest-benchmark's rounds), tflops (DESIGN.md §3 FLOPs / median), peak_mib
+median_ms (median of pytest-benchmark's rounds), tflops (the FLOPs of docs/kernels.md / median), peak_mib
 (`torch.cuda.max_memory_allocated` after a reset, minus the memory allocated before the step: the inputs
 and the models are not counted; in backward mode the untimed forward before it is included), and for
 every baseline measured earlier in the session on the same problem the ratios x_<baseline> = baseline
@@ -157,14 +157,20 @@ def assert_finite(result):
             assert torch.isfinite(t).all(), "non-finite values in a benchmark result"
 
 
+def attention_info(op, case, mode):
+    """What ran, as recorded beside every attention measurement (pytest benchmarks and gpu_suite alike)."""
+    shape = case.shape
+    vs, nv, qs, lq = case.layout()
+    return dict(op=op, mode=mode, model=shape.name, heads=shape.heads, kv_heads=shape.kv_heads,
+                head_dim=shape.head_dim, batch=case.batch, seq_len=case.seq_len, visual_tokens=nv,
+                query_rows=lq, dtype=str(case.dtype).replace("torch.", ""), device=case.device)
+
+
 def run_attention_case(benchmark, request, op, case_id, mode, provider):
     """Time `provider` on `op` for one case and mode, and record the numbers in extra_info."""
     case = case_by_id(case_id)
     shape = case.shape
-    vs, nv, qs, lq = case.layout()
-    info = dict(op=op, mode=mode, model=shape.name, heads=shape.heads, kv_heads=shape.kv_heads,
-                head_dim=shape.head_dim, batch=case.batch, seq_len=case.seq_len, visual_tokens=nv,
-                query_rows=lq, dtype=str(case.dtype).replace("torch.", ""), device=case.device)
+    info = attention_info(op, case, mode)
     benchmark.group = f"{op} {case.id} {info['dtype']} {mode}"
     flops = attention_flops(case.batch, shape.heads, case.seq_len, shape.head_dim, mode)
     free_memory()

@@ -11,7 +11,9 @@ Ops and what every provider of an op computes:
 Providers:
 
 - ours: `attention_with_alignment`, `attention_with_visual_slice` or `flash_attention` (Triton on CUDA,
-  the chunked PyTorch path on the CPU);
+  the chunked PyTorch path on the CPU), with the default deterministic two-kernel backward;
+- ours-onepass: the same with `deterministic=False`, the one-pass backward (dQ by atomics); its forward is
+  ours', so it runs in the backward and full modes only;
 - eager: materialized probabilities (the naive reference), then the slice and the loss from them: what
   Hugging Face's eager attention with `output_attentions=True` costs;
 - sdpa+slice: PyTorch's flash kernel (the one SDPA dispatches to) for the output and its log-sum-exp, and
@@ -44,11 +46,13 @@ OPS = ("alignment", "slice_export", "flash")
 MODES = ("forward", "backward", "full")
 # Baselines first and ours last: a run records ours' ratios against every baseline measured before it.
 PROVIDERS = {
-    "alignment": ("eager", "sdpa+slice", "xformers+slice", "flex+slice", "sdpa-flash", "ours"),
-    "slice_export": ("eager", "sdpa+slice", "xformers+slice", "flex+slice", "sdpa-flash", "ours"),
-    "flash": ("eager", "sdpa-flash", "xformers", "flex", "ours"),
+    "alignment": ("eager", "sdpa+slice", "xformers+slice", "flex+slice", "sdpa-flash", "ours", "ours-onepass"),
+    "slice_export": ("eager", "sdpa+slice", "xformers+slice", "flex+slice", "sdpa-flash", "ours", "ours-onepass"),
+    "flash": ("eager", "sdpa-flash", "xformers", "flex", "ours", "ours-onepass"),
 }
 OURS = "ours"
+OURS_ONE_PASS = "ours-onepass"
+OUR_PROVIDERS = (OURS, OURS_ONE_PASS)
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,6 +74,8 @@ except ImportError:
 
 def skip_reason(provider, device, mode):
     """Why `provider` cannot run in `mode` on `device` here, or None when it can."""
+    if provider == OURS_ONE_PASS and mode == "forward":
+        return "the forward is ours' (the one-pass provider differs in the backward only)"
     if provider.startswith("sdpa") and sdpa_kernel is None:
         return f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel (needs torch >= 2.3)"
     if provider.startswith("xformers"):
@@ -249,12 +255,13 @@ def build(op, provider, x: Inputs):
             return out, naive_alignment_loss(slc, x.teacher_slice)
         return out, slc
 
-    if provider == "ours":
+    if provider in OUR_PROVIDERS:
+        det = provider == OURS
         if op == "alignment":
-            return lambda: attention_with_alignment(x.q, x.k, x.v, x.teacher_slice, *span)
+            return lambda: attention_with_alignment(x.q, x.k, x.v, x.teacher_slice, *span, deterministic=det)
         if op == "slice_export":
-            return lambda: attention_with_visual_slice(x.q, x.k, x.v, *span)
-        return lambda: flash_attention(x.q, x.k, x.v)[:1]
+            return lambda: attention_with_visual_slice(x.q, x.k, x.v, *span, deterministic=det)
+        return lambda: flash_attention(x.q, x.k, x.v, deterministic=det)[:1]
     if provider == "eager":
         if op == "flash":
             return lambda: (_eager(x, op),)
@@ -335,6 +342,6 @@ def make_step(op, provider, case, mode, seed=0):
 
 
 def attention_flops(batch, heads, seq_len, head_dim, mode, causal=True):
-    """DESIGN.md §3: forward 4·B·H·L²·D (halved when causal); backward 2.5× forward."""
+    """docs/kernels.md: forward 4·B·H·L²·D (halved when causal); backward 2.5× forward."""
     fwd = 4 * batch * heads * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
     return {"forward": fwd, "backward": 2.5 * fwd, "full": 3.5 * fwd}[mode]

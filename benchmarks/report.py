@@ -1,13 +1,15 @@
-"""Turn pytest-benchmark JSON from `pytest benchmarks/ --benchmark-json FILE` into Markdown tables and plots.
+"""Turn benchmark JSON into Markdown tables and plots: the JSON of `pytest benchmarks/ --benchmark-json FILE`
+or the gpu_suite.json of `python -m benchmarks.gpu_suite` (the same layout).
 
     python -m benchmarks.report --json bench.json [more.json ...] [--out benchmarks/RESULTS.md]
                                 [--plots benchmarks/plots]
 
-For each JSON file (one run, one device): the device and versions, the date and the command, then per op,
-model shape and batch a table of median time, TFLOP/s (and % of the bf16 ceiling on H100/H200), peak
-memory and the ratios to every baseline, recomputed here from the medians; the training-step tables; the
-issue's targets with their measured values (CUDA runs only); and PNG plots of time and memory against L
-per provider.
+For each JSON file (one run, one device): the device and versions, the date and the command, the measured
+ceilings and the correctness result (gpu_suite runs), then per op, model shape and batch a table of median
+time, TFLOP/s (and % of the bf16 matmul ceiling: measured, else the H100/H200 figure), peak memory and the
+ratios to every baseline, recomputed here from the medians; the training-step tables; the kernel targets
+(benchmarks/README.md) with their measured values (CUDA runs only); what was not measured and why; and
+PNG plots of time and memory against L per provider.
 
 The generated text goes between the markers `<!-- report:begin -->` and `<!-- report:end -->` of --out:
 everything else in the file (hand-written, measured sections) is kept. A file without the markers gets
@@ -26,11 +28,12 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .providers import MODES, OURS, PROVIDERS
+from .providers import MODES, OUR_PROVIDERS, OURS, OURS_ONE_PASS, PROVIDERS
 
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
-# DESIGN.md §3: bf16 dense matmul measured on the H100 (the H200 has the same GH100 compute die);
-# published causal forward at d=128 on the H100: FA2 ~300–330 TFLOP/s.
+# bf16 dense matmul measured on an H100 (the H200 has the same GH100 compute die; an H200 here measured
+# 770-800), used when a run did not measure its own; published causal forward at d=128 on the H100:
+# FA2 ~300–330 TFLOP/s.
 BF16_CEILING_TFLOPS = {"H100": 790.0, "H200": 790.0}
 FA2_CAUSAL_FWD = "~300–330 TFLOP/s"
 OP_TITLES = {
@@ -43,7 +46,14 @@ OP_TITLES = {
 ATTENTION_OPS = ("alignment", "slice_export", "flash")
 # One colour per provider in every plot (matplotlib's tab10 cycle).
 PROVIDER_COLORS = {"eager": "C0", "sdpa+slice": "C1", "xformers+slice": "C2", "flex+slice": "C4", "sdpa-flash": "C3",
-                   "xformers": "C2", "flex": "C4", OURS: "C9"}
+                   "xformers": "C2", "flex": "C4", OURS: "C9", OURS_ONE_PASS: "C6"}
+# The kernel targets (benchmarks/README.md), judged on CUDA runs.
+TARGET_VS_SDPA_FLASH = 0.6    # fused fwd+bwd with alignment / SDPA-flash fwd+bwd without, speed, L = 8192
+TARGET_VS_SDPA_SLICE = 1.5    # fused fwd+bwd with alignment / SDPA + slice from the LSE, speed, L = 8192
+TARGET_FWD_TFLOPS = 400.0     # plain causal forward
+TARGET_EXPORT_OVERHEAD = 0.25  # slice export forward over our plain forward, L = 4096
+TARGET_MEMORY_VS_EAGER = 50.0  # attention peak memory, eager / ours, fwd+bwd with alignment, L = 8192
+LINEAR_PER_DOUBLING = 2.3      # peak memory growth per doubling of L still called linear
 MEMORY_BASELINES = ("eager", "sdpa-flash")
 
 
@@ -56,6 +66,17 @@ class Run:
     measured: str
     command: str
     rows: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # the JSON's "compodistill" section: ceilings, correctness, ...
+    tool: str = "pytest-benchmark"
+
+    @property
+    def ceiling(self):
+        """bf16 matmul TFLOP/s: as measured in this run, else the known figure for the device (None)."""
+        measured = (self.extra.get("ceilings") or {}).get("bf16_matmul_tflops")
+        if measured:
+            return float(measured)
+        name = self.env.get("device_name", "") if self.env.get("device") == "cuda" else ""
+        return next((value for key, value in BF16_CEILING_TFLOPS.items() if key in name), None)
 
 
 def _fail(path, why):
@@ -79,7 +100,8 @@ def load_run(path) -> Run:
     machine = data["machine_info"]
     env = machine.get("compodistill") or {"device": "unknown", "device_name": machine.get("processor") or "unknown",
                                            "python": machine.get("python_version")}
-    run = Run(path, env, str(data.get("datetime", "")), ours.get("command", ""))
+    run = Run(path, env, str(data.get("datetime", "")), ours.get("command", ""), extra=ours,
+              tool="gpu_suite" if data.get("version") == "gpu_suite" else "pytest-benchmark")
     for bench in data["benchmarks"]:
         info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}
         if "op" not in info or "provider" not in info:
@@ -118,7 +140,7 @@ def _ratio(x):
 
 
 def _rank(op, provider):
-    known = list(PROVIDERS.get(op, ())) + ["eager", OURS]
+    known = list(PROVIDERS.get(op, ())) + ["eager", *OUR_PROVIDERS]
     return (known.index(provider) if provider in known else len(known), provider)
 
 
@@ -152,19 +174,13 @@ def with_ratios(rows):
     return out
 
 
-def _ceiling(env):
-    name = env.get("device_name", "") if env.get("device") == "cuda" else ""
-    return next((value for key, value in BF16_CEILING_TFLOPS.items() if key in name), None)
-
-
 def _markdown_table(header, lines):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
     return "\n".join(out)
 
 
-def attention_tables(rows, env):
-    ceiling = _ceiling(env)
+def attention_tables(rows, ceiling):
     groups = defaultdict(list)
     for row in rows:
         if row["op"] in ATTENTION_OPS:
@@ -174,7 +190,9 @@ def attention_tables(rows, env):
                                                                                    kv[0][1], kv[0][2])):
         first = group[0]
         providers = _provider_order(op, {r["provider"] for r in group})
-        baselines = [p for p in providers if p != OURS]
+        # every other provider, and ours for the one-pass variant
+        baselines = [p for p in providers if p not in OUR_PROVIDERS]
+        baselines += [OURS] if OURS in providers and OURS_ONE_PASS in providers else []
         has_memory = any(r.get("peak_mib") for r in group)
         memory_baselines = [p for p in MEMORY_BASELINES if p in providers] if has_memory else []
         header = ["L", "mode", "provider", "median ms", "TFLOP/s"]
@@ -184,7 +202,7 @@ def attention_tables(rows, env):
         lines = []
         order = {p: i for i, p in enumerate(providers)}
         for row in sorted(group, key=lambda r: (r["seq_len"], MODES.index(r["mode"]), order[r["provider"]])):
-            cells = [str(row["seq_len"]), row["mode"], f"**{row['provider']}**" if row["provider"] == OURS
+            cells = [str(row["seq_len"]), row["mode"], f"**{row['provider']}**" if row["provider"] in OUR_PROVIDERS
                      else row["provider"]]
             if row["oom"]:
                 cells += ["OOM", ""] + ([""] if ceiling else []) + (["OOM"] if has_memory else [])
@@ -250,8 +268,8 @@ def _find(rows, **want):
     return [r for r in rows if all(r.get(k) == v for k, v in want.items())]
 
 
-def targets(rows, env):
-    """The issue's targets with the measured values (CUDA runs; on the CPU they are not judged)."""
+def targets(rows, env, ceiling=None):
+    """The kernel targets with the measured values (CUDA runs; on the CPU they are not judged)."""
     if env.get("device") != "cuda":
         return "Targets: not judged, this run had no CUDA GPU (they are measured on H100/H200 only)."
     lines = []
@@ -259,24 +277,59 @@ def targets(rows, env):
     def verdict(ok):
         return "met" if ok else "not met"
 
-    full = [r for r in _find(rows, op="alignment", mode="full", provider=OURS) if not r["oom"]]
-    for row in sorted(full, key=lambda r: (r["model"], r["batch"], r["seq_len"])):
-        vs_flash = row["speed"].get("sdpa-flash")
-        if vs_flash is not None:
-            lines.append([f"fused fwd+bwd ≥ 0.85× SDPA-flash fwd+bwd ({row['model']}, B={row['batch']}, "
-                          f"L={row['seq_len']})", _ratio(vs_flash), verdict(vs_flash >= 0.85)])
-    for row in sorted((r for r in full if r["seq_len"] == 4096), key=lambda r: (r["model"], r["batch"])):
-        speed, memory = row["speed"].get("eager"), row["memory"].get("eager")
-        where = f"({row['model']}, B={row['batch']}, L=4096, fwd+bwd)"
-        eager_oom = _find(rows, op="alignment", mode="full", provider="eager", model=row["model"],
-                          batch=row["batch"], seq_len=4096, oom=True)
-        if eager_oom:
-            lines.append([f"≥5× faster and ≥20× less memory than eager {where}", "eager OOM", "met"])
+    def where(row, **extra):
+        fields = dict(model=row["model"], B=row["batch"], L=row["seq_len"], **extra)
+        return "(" + ", ".join(f"{k}={v}" if k != "model" else str(v) for k, v in fields.items()) + ")"
+
+    for provider in OUR_PROVIDERS:
+        full = [r for r in _find(rows, op="alignment", mode="full", provider=provider, seq_len=8192) if not r["oom"]]
+        for row in sorted(full, key=lambda r: (r["model"], r["batch"])):
+            ratio = row["speed"].get("sdpa-flash")
+            if ratio is not None:
+                lines.append([f"{provider}: fused fwd+bwd with alignment ≥ {TARGET_VS_SDPA_FLASH}× the speed of "
+                              f"SDPA-flash fwd+bwd without alignment {where(row)}", _ratio(ratio),
+                              verdict(ratio >= TARGET_VS_SDPA_FLASH)])
+            ratio = row["speed"].get("sdpa+slice")
+            if ratio is not None:
+                lines.append([f"{provider}: fused fwd+bwd with alignment ≥ {TARGET_VS_SDPA_SLICE}× faster than SDPA + "
+                              f"slice from the LSE {where(row)}", _ratio(ratio), verdict(ratio >= TARGET_VS_SDPA_SLICE)])
+    fwd = [r for r in _find(rows, op="flash", mode="forward", provider=OURS) if not r["oom"] and r.get("tflops")]
+    best = max(fwd, key=lambda r: r["tflops"], default=None)
+    if best is not None:
+        lines.append([f"plain forward ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s, best length {where(best)}; bf16 matmul "
+                      f"ceiling {_fmt(ceiling) or '?'}, FA2 {FA2_CAUSAL_FWD}", _fmt(best["tflops"]),
+                      verdict(best["tflops"] >= TARGET_FWD_TFLOPS)])
+    for row in _find(rows, op="slice_export", mode="forward", provider=OURS, seq_len=4096):
+        plain = [r for r in _find(rows, op="flash", mode="forward", provider=OURS, seq_len=4096, model=row["model"],
+                                  batch=row["batch"]) if not r["oom"]]
+        if row["oom"] or not plain:
             continue
-        if speed is not None:
-            lines.append([f"≥5× faster than eager {where}", _ratio(speed), verdict(speed >= 5)])
-        if memory is not None:
-            lines.append([f"≥20× less attention memory than eager {where}", _ratio(memory), verdict(memory >= 20)])
+        overhead = row["median_ms"] / plain[0]["median_ms"] - 1
+        lines.append([f"slice export forward ≤ {TARGET_EXPORT_OVERHEAD:.0%} over our plain forward {where(row)}",
+                      f"{overhead:+.1%}", verdict(overhead <= TARGET_EXPORT_OVERHEAD)])
+    for provider in OUR_PROVIDERS:
+        full = [r for r in _find(rows, op="alignment", mode="full", provider=provider) if not r["oom"]]
+        for row in sorted((r for r in full if r["seq_len"] == 8192), key=lambda r: (r["model"], r["batch"])):
+            text = f"{provider}: attention memory ≥ {TARGET_MEMORY_VS_EAGER:.0f}× below eager, fwd+bwd {where(row)}"
+            if _find(rows, op="alignment", mode="full", provider="eager", model=row["model"], batch=row["batch"],
+                     seq_len=8192, oom=True):
+                lines.append([text, "eager OOM", "met"])
+            elif row["memory"].get("eager") is not None:
+                ratio = row["memory"]["eager"]
+                lines.append([text, _ratio(ratio), verdict(ratio >= TARGET_MEMORY_VS_EAGER)])
+        by_group = defaultdict(dict)
+        for row in full:
+            if row.get("peak_mib"):
+                by_group[(row["model"], row["batch"])][row["seq_len"]] = row["peak_mib"]
+        for (model, batch), peaks in sorted(by_group.items()):
+            lengths = sorted(peaks)
+            growth = [peaks[b] / peaks[a] * (a / b) * 2 for a, b in zip(lengths, lengths[1:])]
+            if not growth:
+                continue
+            shown = ", ".join(f"L={n}: {_fmt(peaks[n])} MiB" for n in lengths)
+            lines.append([f"{provider}: attention memory linear in L ({model}, B={batch}; {shown})",
+                          "per doubling " + ", ".join(f"{g:.2f}×" for g in growth),
+                          verdict(all(g <= LINEAR_PER_DOUBLING for g in growth))])
     for row in _find(rows, op="train_step", provider=OURS, seq_len=8192):
         eager = _find(rows, op="train_step", provider="eager", seq_len=8192)
         if row["oom"]:
@@ -285,14 +338,9 @@ def targets(rows, env):
             ok = eager[0]["oom"]
             lines.append(["training step fits at L=8192 where eager OOMs",
                           "eager OOM, ours fits" if ok else "both fit", verdict(ok)])
-    fwd = [r for r in _find(rows, op="flash", mode="forward", provider=OURS) if not r["oom"]]
-    best = max(fwd, key=lambda r: r.get("tflops") or 0, default=None)
-    if best is not None:
-        lines.append([f"plain forward TFLOP/s (best: {best['model']}, B={best['batch']}, L={best['seq_len']}); "
-                      f"ceiling {_fmt(_ceiling(env)) or '?'}, FA2 {FA2_CAUSAL_FWD}", _fmt(best.get("tflops")), "—"])
     if not lines:
         return "Targets: this run holds none of the cases the targets name."
-    return "Targets (issue 6)\n\n" + _markdown_table(["target", "measured", "verdict"], lines)
+    return "Targets (benchmarks/README.md)\n\n" + _markdown_table(["target", "measured", "verdict"], lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,7 +377,7 @@ def plot_run(run, rows, plot_dir):
             for provider in _provider_order(op, {r["provider"] for r in in_mode}):
                 points = sorted((r["seq_len"], r["median_ms"], r.get("peak_mib")) for r in in_mode
                                 if r["provider"] == provider)
-                style = dict(marker="o", linewidth=2.2 if provider == OURS else 1.2, label=provider,
+                style = dict(marker="o", linewidth=2.2 if provider in OUR_PROVIDERS else 1.2, label=provider,
                              color=PROVIDER_COLORS.get(provider, "C7"))
                 axes[0][col].plot([p[0] for p in points], [p[1] for p in points], **style)
                 if has_memory:
@@ -378,20 +426,57 @@ def _environment_lines(run):
                   f"{env.get('device_memory_gib')} GiB)")
     else:
         device = f"CPU ({env.get('device_name')}, {env.get('cpu_count')} cores)"
-    lines = [f"- Device: {device}; {versions}{'' if env.get('xformers') else '; xformers not installed'}.",
+    driver = f", driver {env['driver']}" if env.get("driver") else ""
+    commit = f"; commit {env['git_commit'][:12]}" if str(env.get("git_commit", "")).strip("0123456789abcdef") == "" \
+        and env.get("git_commit") else ""
+    lines = [f"- Device: {device}{driver}; {versions}{'' if env.get('xformers') else '; xformers not installed'}.",
              f"- Measured: {run.measured or env.get('date', '?')}; file `{os.path.basename(run.path)}`; "
-             f"command: `{run.command or 'pytest benchmarks/ --benchmark-json FILE'}`."]
+             f"command: `{run.command or 'pytest benchmarks/ --benchmark-json FILE'}`{commit}."]
+    ceilings = run.extra.get("ceilings")
+    if ceilings:
+        lines.append(f"- Measured ceilings: {ceilings['matmul_dtype']} matmul {ceilings['matmul_n']}³ "
+                     f"{_fmt(ceilings['matmul_tflops'])} TFLOP/s; device copy {_fmt(ceilings['copy_tbps'])} TB/s "
+                     "(bytes read + written).")
+    check = run.extra.get("correctness")
+    if check:
+        counts = ", ".join(f"{check[key]} {key}" for key in ("passed", "failed", "errors", "skipped") if key in check)
+        lines.append(f"- Correctness (`{check.get('command', '')}`, autotuning off): {counts or 'no result'}; exit "
+                     f"{check.get('returncode')} in {check.get('wall_s')} s; "
+                     f"{'**ok**' if check.get('ok') else '**NOT OK**'}.")
+        for failure in check.get("failures", [])[:10]:
+            lines.append(f"  - {failure['kind']}: `{failure['test']}`: {failure['message'][:200]}")
     if env.get("device") != "cuda":
         lines.insert(0, "- **CPU smoke run**: the CUDA cases were skipped; the tiny CPU shapes ran the PyTorch path. "
                         "These timings only show that the benchmarks run; they are not performance figures.")
     return lines
 
 
+def not_measured(run):
+    """What a run left out and why: skipped steps and cases (grouped by reason) and errors."""
+    lines = []
+    for name, section in (run.extra.get("sections") or {}).items():
+        if section.get("status") != "done":
+            lines.append(f"- step `{name}`: {section.get('status')}" +
+                         (f" ({section['reason']})" if section.get("reason") else ""))
+    by_reason = defaultdict(set)
+    for case in run.extra.get("skipped") or []:
+        by_reason[case.get("reason", "?")].add(f"{case.get('provider')} {case.get('op')} {case.get('mode')}")
+    for reason, cases in sorted(by_reason.items()):
+        lines.append(f"- skipped ({reason}): " + ", ".join(sorted(cases)))
+    for error in run.extra.get("errors") or []:
+        lines.append(f"- error in {error.get('where')}: `{str(error.get('error'))[:300]}`")
+    if not lines:
+        return []
+    return ["Not measured in this run:", ""] + lines + [""]
+
+
 METHOD = (
-    "- Time: median of pytest-benchmark's rounds; a CUDA round ends with `torch.cuda.synchronize()`. "
+    "- Time: pytest benchmarks: median of pytest-benchmark's rounds, a CUDA round ending with "
+    "`torch.cuda.synchronize()`; gpu_suite: median of `triton.testing.do_bench` (warmup 25 ms, rep 100 ms, "
+    "L2 flushed between runs), the training step the median of 3 steps. "
     "`forward` runs under no_grad; `full` = forward + dq, dk, dv; `backward` times the gradient computation "
     "alone (the forward runs untimed before every round).\n"
-    "- TFLOP/s: attention FLOPs only (DESIGN.md §3: causal forward 2·B·H·L²·D, backward 2.5×, full 3.5×), so "
+    "- TFLOP/s: attention FLOPs only (docs/kernels.md: causal forward 2·B·H·L²·D, backward 2.5×, full 3.5×), so "
     "providers that also compute slices show lower TFLOP/s for their extra work. "
     f"H100/H200 bf16 matmul ceiling ~790 TFLOP/s; published FA2 causal forward at d=128 {FA2_CAUSAL_FWD}.\n"
     "- Peak: `torch.cuda.max_memory_allocated()` after a reset, minus the memory allocated before the step "
@@ -411,9 +496,10 @@ def render(runs, plot_dir, out_path, argv):
         kind = run.env.get("device_name") if run.env.get("device") == "cuda" else "CPU smoke"
         parts += [f"### Run: {kind}, {run.measured[:10] or run.env.get('date', '')}", ""]
         parts += _environment_lines(run) + [""]
-        parts += [targets(rows, run.env), ""]
-        for section in attention_tables(rows, run.env) + train_tables(rows):
+        parts += [targets(rows, run.env, run.ceiling), ""]
+        for section in attention_tables(rows, run.ceiling) + train_tables(rows):
             parts += [section, ""]
+        parts += not_measured(run)
         if plot_dir:
             plots = plot_run(run, rows, plot_dir)
             base = os.path.dirname(os.path.abspath(out_path))

@@ -53,7 +53,7 @@ MODELS = {
 }
 SEQ_LENS = (1024, 2048, 4096, 8192)
 BATCHES = (1, 2, 4, 8)
-BATCH_SWEEP_SEQ_LEN = 4096  # the batch sweep runs at the length the targets name
+BATCH_SWEEP_SEQ_LEN = 4096  # the batch sweep runs at the length the slice-export target names
 PROMPT_TOKENS = 35          # system prompt before the image
 VISUAL_TOKENS = 729         # SigLIP so400m-patch14-384: (384 // 14)² patches
 

@@ -1,9 +1,9 @@
 """Benchmark: plain causal attention, the output only (every layer that is not aligned runs this).
 
-Providers: ours (`flash_attention`), eager (materialized probabilities), sdpa-flash (SDPA's flash
-backend), xformers (memory_efficient_attention) and flex (FlexAttention, compiled on CUDA). TFLOP/s
-uses DESIGN.md §3's causal FLOPs; the H100's bf16 ceiling is ~790 TFLOP/s and published FA2 reaches
-~300–330 TFLOP/s in the causal forward at d=128.
+Providers: ours (`flash_attention`; ours-onepass with the one-pass backward), eager (materialized
+probabilities), sdpa-flash (SDPA's flash backend), xformers (memory_efficient_attention) and flex
+(FlexAttention, compiled on CUDA). TFLOP/s uses the causal FLOPs of docs/kernels.md; the H100's bf16
+ceiling is ~790 TFLOP/s and published FA2 reaches ~300–330 TFLOP/s in the causal forward at d=128.
 """
 
 import pytest

@@ -16,7 +16,7 @@ from .harness import (HAS_CUDA, NEEDS_CUDA, assert_finite, free_memory, out_of_m
 from .providers import Step
 from .shapes import (CPU_TRAIN_CASE, CPU_TRAIN_MAX_SEQ, SEQ_LENS, TRAIN_BATCH, TRAIN_MAX_SEQ_LEN, TRAIN_STUDENT,
                      TRAIN_TEACHER, TrainCase, case_by_id, train_cases)
-from .train_step import PROVIDERS, dft_setup, make_batch, make_train_step
+from .train_step import PROVIDERS, dft_setup, make_batch, make_train_step, train_info
 
 # Losses of each provider per CPU case: both paths compute the same losses, which the smoke run checks.
 _CPU_LOSSES = {}
@@ -38,15 +38,6 @@ def _setup(case: TrainCase, layers):
     return dft_setup(case.teacher, case.student, "cuda", *layers)
 
 
-def _info(setup, case, provider):
-    student, teacher = setup.distiller.student.config.text_config, setup.distiller.teacher.config.text_config
-    return dict(op="train_step", mode="full", model=f"{case.teacher}->{case.student}", teacher=case.teacher,
-                student=case.student, teacher_layers=teacher.num_hidden_layers,
-                student_layers=student.num_hidden_layers, vocab=student.vocab_size, batch=case.batch,
-                seq_len=case.seq_len, visual_tokens=setup.distiller.num_image_tokens,
-                dtype=str(setup.dtype).replace("torch.", ""), device=case.device)
-
-
 def _resident_mib(device):
     return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else None
 
@@ -55,7 +46,7 @@ def _resident_mib(device):
 def test_train_step(benchmark, request, train_layers, case, provider):
     case = case_by_id(case)
     setup = _setup(case, train_layers)
-    info = _info(setup, case, provider)
+    info = train_info(setup, case, provider)
     benchmark.group = f"train_step {case.id}"
     oom = None
     try:
@@ -108,7 +99,7 @@ def test_longest_fitting_length(benchmark, request, train_layers, device, provid
             break
         longest, seq_len = seq_len, seq_len * 2
     case = TrainCase(template.teacher, template.student, template.batch, longest or start, device)
-    info = _info(setup, case, provider)
+    info = train_info(setup, case, provider)
     info.update(op="train_fit", search_start=start, search_cap=cap, first_oom_seq_len=first_oom,
                 longest_fitting_seq_len=longest, peak_mib_by_seq_len={str(k): v for k, v in peaks.items()})
     benchmark.group = f"train_fit {template.teacher}->{template.student}"

@@ -67,20 +67,33 @@ def _bench(op, provider, mode, seq_len, ms, peak, **extra):
 
 def test_report_of_a_cuda_run_judges_the_targets(tmp_path):
     env = dict(device="cuda", device_name="NVIDIA H100 80GB HBM3", capability="9.0", device_memory_gib=79.1,
-               torch="2.11.0+cu130", triton="3.6.0", cuda="13.0", python="3.12.3", transformers="5.0", xformers=None)
+               torch="2.11.0+cu130", triton="3.6.0", cuda="13.0", python="3.12.3", transformers="5.0", xformers=None,
+               driver="580.159.04")
     train = dict(teacher="qwen1.5-4b", student="qwen1.5-1.8b", teacher_layers=20, student_layers=12, vocab=151936)
     data = {
-        "machine_info": {"compodistill": env}, "datetime": "2026-11-23T10:00:00", "version": "5.2.3",
+        "machine_info": {"compodistill": env}, "datetime": "2026-11-23T10:00:00", "version": "gpu_suite",
         "benchmarks": [
-            _bench("alignment", "eager", "full", 4096, 18.0, 3300.0),
-            _bench("alignment", "sdpa-flash", "full", 4096, 0.8, 140.0),
-            _bench("alignment", "ours", "full", 4096, 0.9, 110.0),
-            _bench("flash", "ours", "forward", 4096, 0.3, 60.0),
+            _bench("alignment", "eager", "full", 8192, 72.0, 13000.0),
+            _bench("alignment", "sdpa+slice", "full", 8192, 9.0, 1400.0),
+            _bench("alignment", "sdpa-flash", "full", 8192, 2.4, 270.0),
+            _bench("alignment", "ours", "full", 4096, 2.0, 110.0),
+            _bench("alignment", "ours", "full", 8192, 4.0, 220.0),
+            _bench("alignment", "ours-onepass", "full", 8192, 3.0, 230.0),
+            _bench("flash", "ours", "forward", 4096, 0.9, 60.0),
+            _bench("slice_export", "ours", "forward", 4096, 1.08, 70.0),
             _bench("train_step", "ours", "full", 8192, 400.0, 20000.0, resident_mib=9000.0,
                    peak_total_mib=29000.0, **train),
         ],
-        "compodistill": {"command": "pytest benchmarks/ --benchmark-json h100.json",
-                         "oom": [dict(_bench("train_step", "eager", "full", 8192, 0, None, **train)["extra_info"])]},
+        "compodistill": {"command": "python -m benchmarks.gpu_suite --out out",
+                         "oom": [dict(_bench("train_step", "eager", "full", 8192, 0, None, **train)["extra_info"])],
+                         "ceilings": {"matmul_dtype": "bfloat16", "matmul_n": 8192, "matmul_tflops": 780.0,
+                                      "bf16_matmul_tflops": 780.0, "copy_tbps": 3.1},
+                         "correctness": {"command": "-m pytest tests/kernels/test_cuda.py -k 'bf16 or fp16'",
+                                         "passed": 66, "failed": 0, "errors": 0, "skipped": 0, "returncode": 0,
+                                         "wall_s": 101.0, "ok": True, "failures": []},
+                         "skipped": [{"op": "flash", "mode": "forward", "provider": "ours-onepass",
+                                      "reason": "the forward is ours'"}],
+                         "sections": {"flex": {"status": "skipped", "reason": "time budget"}}},
     }
     path = tmp_path / "h100.json"
     path.write_text(json.dumps(data))
@@ -88,12 +101,23 @@ def test_report_of_a_cuda_run_judges_the_targets(tmp_path):
     report.main(["--json", str(path), "--out", str(out), "--plots", str(tmp_path / "plots")])
     text = out.read_text()
     assert "NVIDIA H100 80GB HBM3 (compute capability 9.0" in text and "CUDA 13.0" in text
-    assert "% of 790" in text and "CPU smoke" not in text
-    assert "fused fwd+bwd ≥ 0.85× SDPA-flash" in text and "0.889× | met" in text
-    assert "≥5× faster than eager" in text and "20× | met" in text
-    assert "≥20× less attention memory than eager" in text and "30× | met" in text
+    assert "driver 580.159.04" in text
+    assert "% of 780" in text and "CPU smoke" not in text  # the measured ceiling, not the table's 790
+    assert "bfloat16 matmul 8192³ 780 TFLOP/s; device copy 3.1 TB/s" in text
+    assert "66 passed, 0 failed, 0 errors, 0 skipped" in text and "**ok**" in text
+    # ours: 2.4 / 4.0 = 0.6 of SDPA-flash (met), 9 / 4 = 2.25× SDPA + slice (met); one-pass 0.8×, 3×
+    assert "ours: fused fwd+bwd with alignment ≥ 0.6× the speed of SDPA-flash" in text and "| 0.6× | met" in text
+    assert "ours-onepass: fused fwd+bwd with alignment ≥ 0.6×" in text and "| 0.8× | met" in text
+    assert "≥ 1.5× faster than SDPA + slice from the LSE" in text and "| 2.25× | met" in text
+    assert "plain forward ≥ 400 TFLOP/s" in text and "| 334 | not met" in text
+    assert "slice export forward ≤ 25% over our plain forward" in text and "+20.0% | met" in text
+    assert "attention memory ≥ 50× below eager" in text and "59.1× | met" in text
+    assert "attention memory linear in L" in text and "per doubling 2.00× | met" in text
     assert "eager OOM, ours fits | met" in text
     assert "| 8192 | eager | OOM |" in text
+    assert "× ours" in text  # the one-pass row against the two-kernel one
+    assert "step `flex`: skipped (time budget)" in text
+    assert "skipped (the forward is ours'): ours-onepass flash forward" in text
 
 
 @pytest.mark.parametrize("content, message", [

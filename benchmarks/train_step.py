@@ -151,6 +151,16 @@ def eager_dft_losses(distiller: Distiller, batch) -> dict:
     return losses
 
 
+def train_info(setup: DFTSetup, case, provider) -> dict:
+    """What ran, as recorded beside every training-step measurement (pytest benchmarks and gpu_suite)."""
+    student, teacher = setup.distiller.student.config.text_config, setup.distiller.teacher.config.text_config
+    return dict(op="train_step", mode="full", model=f"{case.teacher}->{case.student}", teacher=case.teacher,
+                student=case.student, teacher_layers=teacher.num_hidden_layers,
+                student_layers=student.num_hidden_layers, vocab=student.vocab_size, batch=case.batch,
+                seq_len=case.seq_len, visual_tokens=setup.distiller.num_image_tokens,
+                dtype=str(setup.dtype).replace("torch.", ""), device=case.device, provider=provider)
+
+
 def make_train_step(setup: DFTSetup, provider, batch):
     """step() -> the detached losses of one DFT step (forward, backward, gradients dropped)."""
     use_attention(setup, provider)
