@@ -64,7 +64,7 @@ class Scale:
 
 SCALES = {
     # The committed results/miniature.md.
-    "full": Scale("full", num_train=20000, num_test=1000, cr_items=None, curve_items=200, vision_steps=400,
+    "full": Scale("full", num_train=20000, num_test=1000, cr_items=400, curve_items=100, vision_steps=400,
                   teacher_steps=400, student_steps=150, snapshots=(50, 100), seeds=(0, 1, 2),
                   analysis_items=100),
     # The main job's default: teacher, then SFT, KD and CompoDistill with 2 seeds, in minutes.
