@@ -36,7 +36,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.6,<1"],
         "bench": ["xformers"],
     },
 )

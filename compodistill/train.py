@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     mode = _mode(args)
     _check_mode_options(parser, args, mode)
     progress = not args.no_progress
+    if not progress:
+        _quiet_library_progress_bars()
     root = args.root or DEFAULT_ROOTS.get(mode)
     try:
         if mode == "config":
@@ -95,6 +97,15 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0 if all(r.finished for r in results) else 130
+
+
+def _quiet_library_progress_bars() -> None:
+    """--no-progress also hides the bars of datasets (tokenising) and transformers (loading, saving)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _command(argv) -> str:

@@ -17,7 +17,7 @@ import torch
 from ..data.chat import tokenize_conversation
 from ..data.images import load_image, pixel_values
 from ..evaluate import evaluate_cr
-from ..models import AttentionProbe, SliceRows, enable_compodistill_attention, load_mllm, visual_token_positions
+from ..models import AttentionProbe, SliceRows, enable_compodistill_attention, load_mllm, parts, visual_token_positions
 from ..models.tokenizer import IMAGE_TOKEN
 from .report import write_json
 
@@ -79,7 +79,7 @@ def _run(mllm, prompt: CaptionPrompt, probe=None):
         probe.rows = SliceRows(rows.visual_start.to(device), rows.visual_len, rows.query_start.to(device),
                                rows.query_len, rows.row_weight.to(device))
     logits = model(input_ids=prompt.input_ids.to(device), pixel_values=prompt.pixels.to(device),
-                   compodistill_probe=probe).logits[0, :-1].float()
+                   compodistill_probe=probe).logits[0, :-1].detach().float()
     targets = prompt.input_ids[0, 1:].to(device)
     token_log_probs = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
     return float(token_log_probs[prompt.answer[1:].to(device)].sum()), probe
@@ -126,6 +126,24 @@ def caption_analysis(teacher, student, items, matches: dict, intervene_layers, *
     return {"layer_similarity": {layer: total / n for layer, total in per_layer.items()}, "per_item": per_item,
             "intervention": {"layers": list(intervene_layers), "mix": mix, "items": n,
                              "baseline": correct["baseline"] / n, "intervened": correct["intervened"] / n}}
+
+
+@torch.inference_mode()
+def visual_attention_entropy(mllm, items) -> dict:
+    """{layer: mean entropy (nats)} of the model's head-averaged attention over the visual keys,
+    renormalised to sum to 1 per text row of the true caption's prompt; ln(visual tokens) is uniform.
+    Where it is well below uniform the layer looks at particular image tokens, and aligning a student
+    to it can teach where to look."""
+    layers = range(parts.text_config(mllm).num_hidden_layers)
+    totals = dict.fromkeys(layers, 0.0)
+    for item in items:
+        prompt = CaptionPrompt(mllm, item, item.caption)
+        _, probe = _run(mllm, prompt, AttentionProbe(prompt.rows, export=dict.fromkeys(layers, "rows")))
+        for layer in layers:
+            rows = probe.slices[layer][0].double()
+            p = rows / rows.sum(-1, keepdim=True).clamp_min(1e-300)
+            totals[layer] += float(-(p * p.clamp_min(1e-300).log()).sum(-1).mean())
+    return {layer: total / max(len(items), 1) for layer, total in totals.items()}
 
 
 def bin_by_similarity(per_item, num_bins: int = 5) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The pieces of the data issue working together from a clean folder: the generator writes a benchmark,
+"""The data pieces working together from a clean folder: the generator writes a benchmark,
 the LLaVA loader and collator feed a distillation step from it, `python -m compodistill.evaluate`
 scores a tiny model on it and `python -m compodistill.analyze` plots from it."""
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from compodistill.data.llava import LlavaDataset, build_collator
-from compodistill.data.synth import generate
 from compodistill.distill import DistillConfig, Distiller, VATConfig
 
 from .model_helpers import tiny_pair

@@ -2,7 +2,6 @@
 the same loss curve, partial checkpoints are never loaded, two processes match one, bad configs fail."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -388,10 +388,10 @@ def test_query_rows_late_start_moved_left():
 
 def test_query_rows_random_layouts_match_reference():
     gen = make_gen(1234)
-    for trial in range(40):
+    for _trial in range(40):
         B = 3
         layout = []
-        for b in range(B):
+        for _ in range(B):
             n_real = int(torch.randint(V + 1, L + 1, (1,), generator=gen))
             left = bool(torch.randint(0, 2, (1,), generator=gen))
             first = L - n_real if left else 0

@@ -53,8 +53,8 @@ def code_layers(student_depth: int, teacher_depth: int):
 def paper_layers(student_depth: int, teacher_depth: int):
     """(student layers, teacher windows) of the `paper` preset: the layers l with 0.3 <= l/d < 0.7 on each
     side, group windows of n = m − k + 1."""
-    students = [l for l in range(student_depth) if 0.3 <= l / student_depth < 0.7]
-    teachers = [l for l in range(teacher_depth) if 0.3 <= l / teacher_depth < 0.7]
+    students = [layer_ for layer_ in range(student_depth) if 0.3 <= layer_ / student_depth < 0.7]
+    teachers = [layer_ for layer_ in range(teacher_depth) if 0.3 <= layer_ / teacher_depth < 0.7]
     n = len(teachers) - len(students) + 1
     return students, [teachers[j:j + n] for j in range(len(students))]
 
@@ -71,8 +71,8 @@ def authors_code_vat(student_attentions, teacher_attentions, ids, image_id, stud
     """
     vs, n = _visual_span(ids, image_id)
     block = slice(vs, vs + n)
-    s_attn = torch.stack([student_attentions[l].mean(0)[block, block] for l in students])       # (k, N, N)
-    t_attn = torch.stack([torch.stack([teacher_attentions[l].mean(0)[block, block] for l in window]).mean(0)
+    s_attn = torch.stack([student_attentions[layer_].mean(0)[block, block] for layer_ in students])       # (k, N, N)
+    t_attn = torch.stack([torch.stack([teacher_attentions[layer_].mean(0)[block, block] for layer_ in window]).mean(0)
                           for window in windows])                                              # (k, N, N)
     s_mu, s_sigma = s_attn.mean(dim=[1, 2]), s_attn.std(dim=[1, 2])
     t_mu, t_sigma = t_attn.mean(dim=[1, 2]), t_attn.std(dim=[1, 2])
@@ -94,7 +94,7 @@ def paper_rows(student_attentions, teacher_attentions, ids, image_id, students, 
         total = 0.0
         for row in range(vs + n, ids.shape[0]):
             a = student_attentions[layer].mean(0)[row, vs:vs + n]
-            t = torch.stack([teacher_attentions[l].mean(0)[row, vs:vs + n] for l in window]).mean(0)
+            t = torch.stack([teacher_attentions[layer_].mean(0)[row, vs:vs + n] for layer_ in window]).mean(0)
             total = total + (1 - F.cosine_similarity(a, t, dim=0, eps=1e-8))
         sums.append((total, ids.shape[0] - vs - n))
     return sums
