@@ -430,34 +430,15 @@ def run_train_step(suite: Suite):
 
 def run_train_fit(suite: Suite, reserve_s: float):
     from .train_step import PROVIDERS as TRAIN_PROVIDERS
-    from .train_step import make_batch, make_train_step, train_info
+    from .train_step import longest_fitting_length, train_info
     plan = suite.plan
     setup = _train_setup(plan)
     start_len = plan.train.seq_len
     for provider in TRAIN_PROVIDERS:
-        peaks, longest, longest_ms, first_oom, stopped = {}, None, None, None, None
-        seq_len = start_len
-        while seq_len <= plan.train_fit_cap:
-            if suite.budget.left() < reserve_s:
-                stopped = "time budget"
-                break
-            failed = False
-            try:
-                step = make_train_step(setup, provider, make_batch(setup, plan.train.batch, seq_len))
-                step()
-                begin = time.perf_counter()
-                peaks[seq_len] = peak_memory_mib(step, plan.device)
-                elapsed_ms = (time.perf_counter() - begin) * 1e3
-                del step
-            except torch.cuda.OutOfMemoryError:
-                failed = True
-            if failed:
-                free_memory()
-                first_oom = seq_len
-                break
-            longest, longest_ms = seq_len, elapsed_ms
-            seq_len *= 2
-            free_memory()
+        found = longest_fitting_length(setup, provider, plan.train.batch, start_len, plan.train_fit_cap, plan.device,
+                                       warmup=True, time_left=lambda: suite.budget.left() >= reserve_s)
+        peaks, longest, longest_ms = found.peaks, found.longest, found.longest_ms
+        first_oom, stopped = found.first_oom, found.stopped
         case = TrainCase(plan.train.teacher, plan.train.student, plan.train.batch, longest or start_len, plan.device)
         info = dict(train_info(setup, case, provider), op="train_fit", search_start=start_len,
                     search_cap=plan.train_fit_cap, first_oom_seq_len=first_oom, longest_fitting_seq_len=longest,

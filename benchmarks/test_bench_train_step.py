@@ -11,12 +11,12 @@ CPU the tiny presets. Recorded: step time, peak memory above the resident models
 import pytest
 import torch
 
-from .harness import (HAS_CUDA, NEEDS_CUDA, assert_finite, free_memory, out_of_memory, peak_memory_mib, record,
+from .harness import (HAS_CUDA, NEEDS_CUDA, assert_finite, out_of_memory, record,
                       timed)
 from .providers import Step
 from .shapes import (CPU_TRAIN_CASE, CPU_TRAIN_MAX_SEQ, SEQ_LENS, TRAIN_BATCH, TRAIN_MAX_SEQ_LEN, TRAIN_STUDENT,
                      TRAIN_TEACHER, TrainCase, case_by_id, train_cases)
-from .train_step import PROVIDERS, dft_setup, make_batch, make_train_step, train_info
+from .train_step import PROVIDERS, dft_setup, longest_fitting_length, make_batch, make_train_step, train_info
 
 # Losses of each provider per CPU case: both paths compute the same losses, which the smoke run checks.
 _CPU_LOSSES = {}
@@ -83,21 +83,8 @@ def test_longest_fitting_length(benchmark, request, train_layers, device, provid
         template = TrainCase(TRAIN_TEACHER, TRAIN_STUDENT, TRAIN_BATCH, SEQ_LENS[0], "cuda")
         start, cap = SEQ_LENS[0], TRAIN_MAX_SEQ_LEN
     setup = _setup(template, train_layers)
-    peaks, longest, first_oom = {}, None, None
-    seq_len = start
-    while seq_len <= cap:
-        failed = False
-        try:
-            step = make_train_step(setup, provider, make_batch(setup, template.batch, seq_len))
-            peaks[seq_len] = peak_memory_mib(step, device)
-            del step
-        except torch.cuda.OutOfMemoryError:
-            failed = True
-        if failed:
-            free_memory()
-            first_oom = seq_len
-            break
-        longest, seq_len = seq_len, seq_len * 2
+    found = longest_fitting_length(setup, provider, template.batch, start, cap, device)
+    peaks, longest, first_oom = found.peaks, found.longest, found.first_oom
     case = TrainCase(template.teacher, template.student, template.batch, longest or start, device)
     info = train_info(setup, case, provider)
     info.update(op="train_fit", search_start=start, search_cap=cap, first_oom_seq_len=first_oom,

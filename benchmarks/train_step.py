@@ -19,7 +19,8 @@ tower giving 729 visual tokens, TAF projector, bf16 weights, the LM fully traina
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +29,7 @@ from compodistill.distill.vat import combine_layers, group_targets, slice_loss
 from compodistill.models import apply_taf, build_preset, enable_compodistill_attention, parts, visual_token_positions
 from compodistill_kernels.attention.naive import naive_visual_slice
 
+from .harness import free_memory, peak_memory_mib
 from .shapes import (LANGUAGE_MODELS, PROMPT_TOKENS, TRAIN_IMAGE_SIZE, TRAIN_LAYERS, TRAIN_MAX_SEQ_LEN,
                      TRAIN_PATCH_SIZE)
 
@@ -175,3 +177,48 @@ def make_train_step(setup: DFTSetup, provider, batch):
         sync()
         return {name: value.detach() for name, value in losses.items()}
     return step
+
+
+@dataclass
+class FitSearch:
+    """The outcome of `longest_fitting_length`: peak MiB per length tried, the longest length that fit,
+    its step's wall time (the peak-measuring run), the first length that ran out of memory, and why the
+    search stopped early (None when it ran to the cap or to an OOM)."""
+
+    peaks: dict = field(default_factory=dict)
+    longest: int | None = None
+    longest_ms: float | None = None
+    first_oom: int | None = None
+    stopped: str | None = None
+
+
+def longest_fitting_length(setup: DFTSetup, provider, batch, start, cap, device, *, warmup=False,
+                           time_left=None) -> FitSearch:
+    """Double the sequence length from `start` up to `cap` until a training step runs out of GPU memory.
+
+    warmup: run each step once before measuring its peak (autotuning and allocator warm-up outside it).
+    time_left: optional callable; the search stops (stopped="time budget") when it returns False.
+    """
+    found = FitSearch()
+    seq_len = start
+    while seq_len <= cap:
+        if time_left is not None and not time_left():
+            found.stopped = "time budget"
+            break
+        try:
+            step = make_train_step(setup, provider, make_batch(setup, batch, seq_len))
+            if warmup:
+                step()
+            begin = time.perf_counter()
+            found.peaks[seq_len] = peak_memory_mib(step, device)
+            elapsed_ms = (time.perf_counter() - begin) * 1e3
+            del step
+        except torch.cuda.OutOfMemoryError:
+            found.first_oom = seq_len
+        if found.first_oom is not None:
+            free_memory()  # outside the except block, so the failed step's tensors are released
+            break
+        found.longest, found.longest_ms = seq_len, elapsed_ms
+        seq_len *= 2
+        free_memory()
+    return found
