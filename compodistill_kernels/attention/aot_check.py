@@ -126,8 +126,8 @@ def recorded_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), hea
                     q = torch.empty(B, H, L, D, dtype=dtype, device="meta")
                     k = torch.empty(B, Hkv, L, D, dtype=dtype, device="meta")
                     mask = torch.empty(B, L, dtype=torch.bool, device="meta") if masked else None
-                    offsets = torch.empty(B, dtype=torch.int32, device="meta")
-                    spec = SliceSpec(offsets, Nv, offsets, Lq, None)
+                    spec = SliceSpec(torch.empty(B, Nv, dtype=torch.int32, device="meta"),
+                                     torch.empty(B, Lq, dtype=torch.int32, device="meta"), None)
                     out, lse = triton_impl.attn_fwd(q, k, k, 0.1, causal, mask)
                     f32 = dict(dtype=torch.float32, device="meta")
                     rows, teacher, w = torch.empty(B, Lq, Nv, **f32), torch.empty(B, Lq, Nv, **f32), torch.empty(B, Lq, **f32)

@@ -52,33 +52,42 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, key_padding_mas
     return torch_impl.flash_forward(q, k, v, scale, causal, key_padding_mask)
 
 
-def attention_with_visual_slice(q, k, v, visual_start, visual_len, query_start, query_len, *, reduce="rows",
-                                row_weight=None, causal=True, softmax_scale=None, key_padding_mask=None,
-                                backend="auto", deterministic=True):
+def attention_with_visual_slice(q, k, v, visual_start=None, visual_len=None, query_start=None, query_len=None, *,
+                                visual_index=None, query_index=None, reduce="rows", row_weight=None, causal=True,
+                                softmax_scale=None, key_padding_mask=None, backend="auto", deterministic=True):
     """Attention output plus the head-averaged attention of some query rows over the visual keys.
 
-    The slice is a[b, i, j] = (1/Hq) Σ_h P_h[query_start[b] + i, visual_start[b] + j], where P_h is
-    head h's softmax(q kᵀ · scale) with the causal and padding masks applied.
+    The slice is a[b, i, j] = (1/Hq) Σ_h P_h[query_index[b, i], visual_index[b, j]], where P_h is head h's
+    softmax(q kᵀ · scale) with the causal and padding masks applied.
+
+    Which rows and keys, per sample, in either of two forms (each axis independently):
+        visual_index: (B, Nv) int64 sequence positions of the visual keys, in any number of runs (several
+            images, tiles, row separators between them); a sample with fewer than Nv visual tokens pads
+            its row at the end with −1. query_index: (B, Nq), the query rows, the same way. Every real
+            entry lies in [0, L) and appears once per sample; −1 before a real entry is an error.
+        visual_start, query_start: (B,) integer offsets, and visual_len, query_len: ints >= 1, the
+            contiguous special case visual_index[b] = visual_start[b] + [0, visual_len); start + len must
+            lie in [0, L] for every sample.
 
     Args:
         q, k, v, causal, softmax_scale, key_padding_mask, backend, deterministic: as in `flash_attention`.
-        visual_start, query_start: (B,) integer tensors, per-sample offsets of the visual keys and of
-            the query rows.
-        visual_len, query_len: ints >= 1; start + len must lie in [0, L] for every sample.
-        reduce: "rows" returns the slice (B, query_len, visual_len); "mean" returns its row_weight-
-            weighted mean over rows (B, visual_len), 0 for a sample whose weights sum to 0.
-        row_weight: (B, query_len) non-negative weights for reduce="mean" (uniform if None); ignored
-            by reduce="rows".
+        reduce: "rows" returns the slice (B, Nq, Nv), exactly 0 on every padding entry; "mean" returns its
+            row_weight-weighted mean over a sample's real rows (B, Nv), 0 for a sample whose real rows'
+            weights sum to 0.
+        row_weight: (B, Nq) non-negative weights for reduce="mean" (uniform if None; padded rows weigh 0
+            whatever they hold); ignored by reduce="rows".
 
     Returns:
         out (B, Hq, L, D) in q's dtype; slc float32. Both differentiable with respect to q, k, v.
 
-    Memory kept for the backward: q, k, v, out, lse and the offsets (Triton); the slice gradient
-    (B, query_len, visual_len) float32 exists only inside the backward.
+    Memory kept for the backward: q, k, v, out, lse and the indices (Triton); the slice gradient
+    (B, Nq, Nv) float32 and two (B, L) int32 maps from positions to slice rows and columns exist only
+    inside the backward.
     """
     mode = check_reduce(reduce)
     backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic)
-    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight)
+    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight,
+                       visual_index=visual_index, query_index=query_index)
     if backend == "triton":
         from .triton_impl import triton_attention
         out, _, slc = triton_attention(q, k, v, scale, causal, key_padding_mask, spec, mode,
@@ -87,32 +96,37 @@ def attention_with_visual_slice(q, k, v, visual_start, visual_len, query_start, 
     return torch_impl.visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, mode)
 
 
-def attention_with_alignment(q, k, v, teacher_slice, visual_start, visual_len, query_start, query_len, *,
-                             row_weight=None, eps=1e-8, causal=True, softmax_scale=None, key_padding_mask=None,
-                             backend="auto", deterministic=True):
+def attention_with_alignment(q, k, v, teacher_slice, visual_start=None, visual_len=None, query_start=None,
+                             query_len=None, *, visual_index=None, query_index=None, row_weight=None, eps=1e-8,
+                             causal=True, softmax_scale=None, key_padding_mask=None, backend="auto",
+                             deterministic=True):
     """Attention output plus the cosine alignment loss of the student's visual slice to the teacher's.
 
-    loss = Σ_{b,i} w[b,i] · (1 − cos(a[b,i,:], teacher_slice[b,i,:])) / Σ w, with a the head-mean
-    visual slice of `attention_with_visual_slice` and cos exactly as
-    torch.nn.functional.cosine_similarity(..., dim=-1, eps=eps). The loss is 0 if Σ w = 0.
+    loss = Σ_{b,i real} w[b,i] · (1 − cos(a[b,i,:], teacher_slice[b,i,:])) / Σ_{b,i real} w[b,i], with a the
+    head-mean visual slice of `attention_with_visual_slice`, the cosine over a sample's real columns only
+    and exactly as torch.nn.functional.cosine_similarity(..., dim=-1, eps=eps). The loss is 0 if the real
+    rows' weights sum to 0.
 
     Args:
-        teacher_slice: (B, query_len, visual_len) floating point, finite; no gradient flows into it.
-        row_weight: (B, query_len) non-negative weights (uniform if None).
+        teacher_slice: (B, Nq, Nv) floating point, finite on the real entries; entries in a padded row or
+            column are ignored whatever they hold. No gradient flows into it.
+        row_weight: (B, Nq) non-negative weights (uniform if None; padded rows weigh 0).
         eps: cosine epsilon, > 0.
-        Everything else as in `attention_with_visual_slice`.
+        visual_index, query_index (or the four start/len arguments) and everything else as in
+        `attention_with_visual_slice`.
 
     Returns:
         out (B, Hq, L, D) in q's dtype; loss, a 0-dim float32 tensor. Both differentiable w.r.t. q, k, v.
 
-    Memory kept for the backward (Triton): q, k, v, out, lse, the teacher slice, the student slice
-    (B, query_len, visual_len) float32 (so the backward computes each head's probabilities on the visual
-    columns once, not twice) and four floats per slice row; nothing L×L. The slice gradient, of the same
-    shape, exists only inside the backward.
+    Memory kept for the backward (Triton): q, k, v, out, lse, the indices, the teacher slice, the student
+    slice (B, Nq, Nv) float32 (so the backward computes each head's probabilities on the visual columns
+    once, not twice) and four floats per slice row; nothing L×L. The slice gradient, of the same shape,
+    exists only inside the backward.
     """
     eps = check_eps(eps)
     backend, scale = _prepare(q, k, v, backend, causal, softmax_scale, key_padding_mask, deterministic)
-    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice)
+    spec = check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice,
+                       visual_index=visual_index, query_index=query_index)
     teacher_slice = teacher_slice.detach()
     if backend == "triton":
         from .triton_impl import triton_attention

@@ -108,3 +108,43 @@ def naive_attention_with_alignment(q, k, v, teacher_slice, visual_start, visual_
         softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
     )
     return out, naive_alignment_loss(slc, teacher_slice, row_weight, eps)
+
+
+def naive_indexed_slice(probs, visual_index, query_index):
+    """Head-mean slice a[b, i, j] = mean_h probs[b, h, query_index[b, i], visual_index[b, j]], exactly 0
+    where either index is padding (−1). probs (B, H, L, L) -> (B, Nq, Nv)."""
+    B = probs.shape[0]
+    out = probs.new_zeros(B, query_index.shape[1], visual_index.shape[1])
+    for b in range(B):
+        rows = [i for i, p in enumerate(query_index[b].tolist()) if p >= 0]
+        cols = [j for j, p in enumerate(visual_index[b].tolist()) if p >= 0]
+        if rows and cols:
+            block = probs[b][:, query_index[b, rows].long()][:, :, visual_index[b, cols].long()].mean(dim=0)
+            out[b, torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = block
+    return out
+
+
+def naive_indexed_attention(q, k, v, visual_index, query_index, *, teacher_slice=None, reduce="rows",
+                            row_weight=None, eps=1e-8, causal=True, softmax_scale=None, key_padding_mask=None):
+    """Reference for the index form of `attention_with_visual_slice` (teacher_slice None) and of
+    `attention_with_alignment`: (out, slice / its row mean / the loss). Padded rows weigh 0; the cosine
+    runs over each sample's real columns only; the teacher's padding entries are never read."""
+    probs, _ = naive_attention_probs(q, k, causal=causal, softmax_scale=softmax_scale,
+                                     key_padding_mask=key_padding_mask)
+    group = q.shape[1] // v.shape[1]
+    out = torch.einsum("bhij,bhjd->bhid", probs, v.repeat_interleave(group, dim=1))
+    slc = naive_indexed_slice(probs, visual_index, query_index)
+    real_rows = (query_index >= 0).to(slc.dtype)
+    weight = real_rows if row_weight is None else row_weight.to(slc.dtype) * real_rows
+    if teacher_slice is None:
+        return out, (slc if reduce == "rows" else naive_weighted_row_mean(slc, weight))
+    terms = []
+    for b in range(q.shape[0]):
+        cols = (visual_index[b] >= 0).nonzero().flatten()
+        for i in (query_index[b] >= 0).nonzero().flatten().tolist():
+            cos = F.cosine_similarity(slc[b, i, cols], teacher_slice[b, i, cols].to(slc.dtype), dim=0, eps=eps)
+            terms.append(weight[b, i] * (1.0 - cos))
+    total = weight.sum()
+    loss = torch.stack(terms).sum() / torch.where(total > 0, total, torch.ones_like(total)) if terms \
+        else slc.new_zeros(())
+    return out, loss

@@ -82,63 +82,70 @@ def flash_forward(q, k, v, scale, causal, key_padding_mask):
     return out, lse
 
 
-def _gather_rows(x, start, length):
-    """x (B, H, L, ...) -> x[b, :, start[b] : start[b] + length] stacked, (B, H, length, ...)."""
-    idx = start.long()[:, None] + torch.arange(length, device=x.device)[None, :]
-    shape = (x.shape[0], x.shape[1], length) + x.shape[3:]
-    idx = idx.view(idx.shape[0], 1, length, *([1] * (x.dim() - 3))).expand(shape)
+def _gather_rows(x, index):
+    """x (B, H, L, ...) -> x[b, :, index[b]] stacked, (B, H, N, ...); padding (−1) reads position 0."""
+    idx = index.long().clamp_min(0)
+    n = idx.shape[1]
+    shape = (x.shape[0], x.shape[1], n) + x.shape[3:]
+    idx = idx.view(idx.shape[0], 1, n, *([1] * (x.dim() - 3))).expand(shape)
     return torch.gather(x, 2, idx)
 
 
-def _slice_block(q_rows, k_vis, lse_rows, row_pos, col_pos, col_ok, scale, causal):
+def _slice_block(q_rows, k_vis, lse_rows, row_pos, col_pos, row_ok, col_ok, scale, causal):
     """Head-mean visual probabilities for a block of slice rows.
 
     q_rows (B, Hkv, G, C, D), k_vis (B, Hkv, Nv, D), lse_rows (B, Hkv, G, C), row_pos (B, C) and
-    col_pos (B, Nv) absolute positions, col_ok (B, Nv) key not padded -> (B, C, Nv).
+    col_pos (B, Nv) absolute positions, row_ok (B, C) real row, col_ok (B, Nv) real and unpadded key
+    -> (B, C, Nv), exactly 0 outside row_ok × col_ok.
     """
     scores = torch.einsum("bhgcd,bhjd->bhgcj", q_rows, k_vis) * scale
-    allowed = col_ok[:, None, :].expand(-1, row_pos.shape[1], -1)
+    allowed = row_ok[:, :, None] & col_ok[:, None, :]
     if causal:
         allowed = allowed & (col_pos[:, None, :] <= row_pos[:, :, None])
     probs = _probs(scores, lse_rows) * allowed[:, None, None]
     return probs.mean(dim=(1, 2))
 
 
-def _slice_loss_block(q_rows, k_vis, lse_rows, row_pos, col_pos, col_ok, scale, causal, teacher, weight, eps):
+def _slice_loss_block(q_rows, k_vis, lse_rows, row_pos, col_pos, row_ok, col_ok, scale, causal, teacher, weight,
+                      eps):
     """Σ_rows w·(1 − cos(student row, teacher row)) for one block of slice rows."""
-    a = _slice_block(q_rows, k_vis, lse_rows, row_pos, col_pos, col_ok, scale, causal)
+    a = _slice_block(q_rows, k_vis, lse_rows, row_pos, col_pos, row_ok, col_ok, scale, causal)
     cos = F.cosine_similarity(a, teacher, dim=-1, eps=eps)
     return (weight * (1.0 - cos)).sum()
 
 
 def visual_slice_forward(q, k, v, scale, causal, key_padding_mask, spec, mode, teacher=None, eps=1e-8):
-    """By SliceMode: ROWS -> (out, slc (B, Lq, Nv)); MEAN -> (out, slc (B, Nv)); ALIGN -> (out, loss)."""
+    """By SliceMode: ROWS -> (out, slc (B, Nq, Nv)); MEAN -> (out, slc (B, Nv)); ALIGN -> (out, loss)."""
     out, lse = flash_forward(q, k, v, scale, causal, key_padding_mask)
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     cd = _compute_dtype(q.dtype)
     device = q.device
-    Lq, Nv = spec.query_len, spec.visual_len
-    q_rows = _gather_rows(q.to(cd), spec.query_start, Lq).view(B, Hkv, Hq // Hkv, Lq, D)
-    lse_rows = _gather_rows(lse, spec.query_start, Lq).view(B, Hkv, Hq // Hkv, Lq)
-    k_vis = _gather_rows(k.to(cd), spec.visual_start, Nv)
-    row_pos_all = spec.query_start.long()[:, None] + torch.arange(Lq, device=device)
-    col_pos = spec.visual_start.long()[:, None] + torch.arange(Nv, device=device)
-    col_ok = torch.ones(B, Nv, dtype=torch.bool, device=device)
+    Lq = spec.query_len
+    row_pos_all, col_pos = spec.query_index.long(), spec.visual_index.long()
+    row_ok_all = (row_pos_all >= 0) & (row_pos_all < L)
+    col_ok = (col_pos >= 0) & (col_pos < L)
+    q_rows = _gather_rows(q.to(cd), row_pos_all).view(B, Hkv, Hq // Hkv, Lq, D)
+    lse_rows = _gather_rows(lse, row_pos_all).view(B, Hkv, Hq // Hkv, Lq)
+    k_vis = _gather_rows(k.to(cd), col_pos)
     if key_padding_mask is not None:
-        col_ok = torch.gather(key_padding_mask, 1, col_pos)
+        col_ok = col_ok & torch.gather(key_padding_mask, 1, col_pos.clamp(0, L - 1))
     weight = spec.row_weight.to(cd) if spec.row_weight is not None else torch.ones(B, Lq, dtype=cd, device=device)
+    if teacher is not None:
+        # the teacher's padding entries are ignored whatever they hold (NaN included)
+        real = (spec.query_index >= 0)[:, :, None] & (spec.visual_index >= 0)[:, None, :]
+        teacher = torch.where(real, teacher.to(cd), torch.zeros((), dtype=cd, device=device))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if needs_grad else (lambda f, *a: f(*a))
 
-    step = _rows_per_block(B * Hq, Nv)
+    step = _rows_per_block(B * Hq, spec.visual_len)
     pieces = []
     for r0 in range(0, Lq, step):
         r1 = min(Lq, r0 + step)
         common = (q_rows[:, :, :, r0:r1], k_vis, lse_rows[:, :, :, r0:r1], row_pos_all[:, r0:r1], col_pos,
-                  col_ok, scale, causal)
+                  row_ok_all[:, r0:r1], col_ok, scale, causal)
         if mode == SliceMode.ALIGN:
-            pieces.append(run(_slice_loss_block, *common, teacher[:, r0:r1].to(cd), weight[:, r0:r1], eps))
+            pieces.append(run(_slice_loss_block, *common, teacher[:, r0:r1], weight[:, r0:r1], eps))
         else:
             a = run(_slice_block, *common)
             pieces.append(a if mode == SliceMode.ROWS else torch.einsum("bi,bij->bj", weight[:, r0:r1], a))

@@ -235,7 +235,7 @@ def slice_fwd(q, k, lse, scale, causal, mask, spec, mode, weight=None, teacher=N
         row_tile_sums = torch.empty(B, grid[0], Nv, **f32) if mode == SliceMode.MEAN else dummy
         row_stats = torch.empty(B, grid[1], Lq, 3, **f32) if mode == SliceMode.ALIGN else dummy
         tk._slice_fwd_kernel[grid](
-            Q=q, K=k, LSE=lse, KPM=kpm, VS=spec.visual_start, QS=spec.query_start,
+            Q=q, K=k, LSE=lse, KPM=kpm, VI=spec.visual_index, QI=spec.query_index,
             ROW_WEIGHT=weight if weight is not None else dummy, TEACHER=teacher if teacher is not None else dummy,
             SLC=slc, ROW_TILE_SUMS=row_tile_sums, ROW_STATS=row_stats, **_strides(q, k, mask_stride),
             H=H, GROUP=H // k.shape[1], L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=scale * tk.LOG2E, inv_h=1.0 / H,
@@ -268,7 +268,7 @@ def _slice_grad_term(q, k, lse, delta, scale, causal, mask, spec, grad: SliceGra
         g = torch.empty(B, Lq, Nv, **f32)
         delta_part = torch.empty(B, H, grid[1], Lq, **f32)
         tk._slice_bwd_kernel[grid](
-            Q=q, K=k, LSE=lse, KPM=kpm, VS=spec.visual_start, QS=spec.query_start,
+            Q=q, K=k, LSE=lse, KPM=kpm, VI=spec.visual_index, QI=spec.query_index,
             DSLICE=arg(grad.dslice), ROW_SHARE=arg(grad.row_share), DMEAN=arg(grad.dmean),
             TEACHER_COEF=arg(grad.teacher_coef), STUDENT_COEF=arg(grad.student_coef), TEACHER=arg(grad.teacher),
             SLC=arg(grad.student), G=g, DELTA_PART=delta_part, **_strides(q, k, mask_stride),
@@ -280,13 +280,36 @@ def _slice_grad_term(q, k, lse, delta, scale, causal, mask, spec, grad: SliceGra
     # the tuner may run the kernel several times: the accumulation into Δ stays outside it
     key = ("bwd",) + _slice_key(spec, causal, mask, grad.mode, H // Hkv, L)
     g, delta_part = _launch("slice", q.dtype, D, key, q.device, run)
-    # Δ_h[qs_b + i] += (1/H) Σ_j P_h[i, j] G[i, j], summed over the column tiles in a fixed order. Rows
-    # outside [0, L) (offsets left unchecked, see validate.device_value_checks) have P = 0 in the kernel:
-    # clamping their index adds 0 instead of indexing out of bounds.
-    rows = (spec.query_start.long()[:, None] + torch.arange(Lq, device=q.device)).clamp(0, L - 1)
+    # Δ_h[query_index[b, i]] += (1/H) Σ_j P_h[i, j] G[i, j], summed over the column tiles in a fixed order.
+    # Padded rows, and rows outside [0, L) (indices left unchecked, see validate.device_value_checks), have
+    # P = 0 in the kernel: clamping their index adds 0 instead of indexing out of bounds.
+    rows = spec.query_index.long().clamp(0, L - 1)
     rows = rows[:, None, :].expand(B, H, Lq)
     delta.scatter_add_(2, rows, delta_part.sum(dim=2))
     return g
+
+
+def inverse_maps(spec, L):
+    """What the backward kernels need to find slice entries while they walk the sequence in order:
+    (row_of_pos, col_of_pos) (B, L) int32, the slice row / column at each position or −1, and
+    (query_range, visual_range) (B, 2) int32, [lo, hi) spanning each sample's real positions (lo = L,
+    hi = 0 for a sample with none), so tiles outside them skip the map lookups. Indices outside [0, L)
+    (left unchecked by device_value_checks(False)) are dropped: they have P = 0 anyway."""
+    def one(index):
+        B, n = index.shape
+        idx = index.long()
+        real = (idx >= 0) & (idx < L)
+        inverse = torch.full((B, L + 1), -1, dtype=torch.int32, device=index.device)
+        # padding goes to the spare column L, dropped below
+        inverse.scatter_(1, torch.where(real, idx, L),
+                         torch.arange(n, dtype=torch.int32, device=index.device).expand(B, n).contiguous())
+        lo = torch.where(real, idx, L).amin(dim=1)
+        hi = torch.where(real, idx + 1, 0).amax(dim=1)
+        return inverse[:, :L].contiguous(), torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
+
+    row_of_pos, query_range = one(spec.query_index)
+    col_of_pos, visual_range = one(spec.visual_index)
+    return row_of_pos, col_of_pos, query_range, visual_range
 
 
 def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slice_grad=None, deterministic=True):
@@ -311,12 +334,14 @@ def attn_bwd(q, k, v, out, lse, dout, dlse, scale, causal, mask, spec=None, slic
     has_g = slice_grad is not None
     if has_g:
         g = _slice_grad_term(q, k, lse, delta, scale, causal, mask, spec, slice_grad)
-        vs, qs, Lq, Nv = spec.visual_start, spec.query_start, spec.query_len, spec.visual_len
+        row_of_pos, col_of_pos, query_range, visual_range = inverse_maps(spec, L)
+        Lq, Nv = spec.query_len, spec.visual_len
     else:
         g = torch.empty(1, **f32)
-        vs = qs = torch.zeros(1, device=q.device, dtype=torch.int32)
+        row_of_pos = col_of_pos = query_range = visual_range = torch.zeros(2, device=q.device, dtype=torch.int32)
         Lq = Nv = 1
-    common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KPM=kpm, VS=vs, QS=qs, G=g, **strides, H=H,
+    common = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, KPM=kpm, ROW_OF_POS=row_of_pos,
+                  COL_OF_POS=col_of_pos, QRANGE=query_range, VRANGE=visual_range, G=g, **strides, H=H,
                   GROUP=H // Hkv, L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=scale * tk.LOG2E, sm_scale=scale,
                   CAUSAL=causal, HAS_MASK=mask is not None, HAS_G=has_g, PRECISION=precision_for(q.dtype))
     key = (causal, mask is not None, has_g, H // Hkv, _length_bucket(L))

@@ -16,7 +16,11 @@ mask, so a select (never a multiply) zeroes its P.
 The slice kernels take the slice mode (validate.SliceMode) as the compile-time MODE and compare it with
 MODE_ROWS, MODE_MEAN and MODE_ALIGN below.
 
-Every kernel takes contiguous (B, H, L, D) tensors; per-sample offsets vs_b, qs_b come from memory.
+Every kernel takes contiguous (B, H, L, D) tensors. The slice's rows and columns are given by index
+tensors QI (B, Lq) and VI (B, Nv) of sequence positions, −1 for padding: the slice kernels gather query
+rows and key tiles by index. The backward kernels, which walk the sequence in order, look positions up
+in the inverse maps ROW_OF_POS / COL_OF_POS (B, L) (slice row / column of a position, or −1) and skip
+tiles outside each sample's position ranges QRANGE / VRANGE (B, 2) = [lo, hi) without reading the maps.
 """
 
 import triton
@@ -125,30 +129,32 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, KPM,
 
 
 @triton.jit
-def _slice_tile(VS, QS, KPM, stride_mb, L, Lq, Nv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _slice_tile(VI, QI, KPM, stride_mb, L, Lq, Nv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's (slice-row tile, visual-column tile) of sample b, from the (rows, cols, batch) grid:
-    slice indices, absolute positions, which pairs may attend (in range, causal, key not padded), and
-    `live`: False when the causal mask hides the whole tile (every column after every row), so the
-    per-head work can be skipped. Positions outside [0, L) are masked, so out-of-range offsets can never
-    read outside the tensors."""
+    slice indices, absolute positions gathered from the index tensors, which rows and columns are real
+    (inside the slice, not padding, inside [0, L)), which pairs may attend (real, causal, key not padded),
+    and `live`: False when no pair of the tile can attend (the causal mask hides every column after every
+    row, or the tile is all padding), so the per-head work can be skipped. Positions outside [0, L) are
+    masked, so unchecked indices can never read outside the tensors."""
     b = tl.program_id(2).to(tl.int64)
     r0 = tl.program_id(0) * BLOCK_M
     c0 = tl.program_id(1) * BLOCK_N
     offs_r = r0 + tl.arange(0, BLOCK_M)
     offs_c = c0 + tl.arange(0, BLOCK_N)
-    qs = tl.load(QS + b)
-    vs = tl.load(VS + b)
-    pos_m = qs + offs_r
-    pos_n = vs + offs_c
-    row_ok = (offs_r < Lq) & (pos_m >= 0) & (pos_m < L)
-    col_ok = (offs_c < Nv) & (pos_n >= 0) & (pos_n < L)
+    pos_m = tl.load(QI + b * Lq + offs_r, mask=offs_r < Lq, other=-1)
+    pos_n = tl.load(VI + b * Nv + offs_c, mask=offs_c < Nv, other=-1)
+    row_ok = (pos_m >= 0) & (pos_m < L)
+    col_ok = (pos_n >= 0) & (pos_n < L)
     valid = row_ok[:, None] & col_ok[None, :]
-    live = c0 < Nv
+    first_col = tl.min(tl.where(col_ok, pos_n, L), 0)
+    last_row = tl.max(tl.where(row_ok, pos_m, -1), 0)
     if CAUSAL:
         valid = valid & (pos_n[None, :] <= pos_m[:, None])
-        # the tile's first visual column against its last slice row
-        live = live & (vs + c0 <= qs + tl.minimum(r0 + BLOCK_M, Lq) - 1)
+        # the tile's earliest visual column against its latest slice row
+        live = first_col <= last_row
+    else:
+        live = (first_col < L) & (last_row >= 0)
     if HAS_MASK:
         key_real = tl.load(KPM + b * stride_mb + pos_n, mask=col_ok, other=0)
         valid = valid & (key_real[None, :] != 0)
@@ -183,7 +189,7 @@ def _head_mean_slice(Q, K, LSE, b, pos_m, pos_n, row_ok, col_ok, valid, live, of
 
 
 @triton.jit
-def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, ROW_WEIGHT, TEACHER, SLC, ROW_TILE_SUMS, ROW_STATS,
+def _slice_fwd_kernel(Q, K, LSE, KPM, VI, QI, ROW_WEIGHT, TEACHER, SLC, ROW_TILE_SUMS, ROW_STATS,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
@@ -195,9 +201,10 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, ROW_WEIGHT, TEACHER, SLC, ROW_TILE
     MODE_MEAN: write Σ_rows w·a into ROW_TILE_SUMS (B, n_row_tiles, Nv).
     MODE_ALIGN: write a into SLC (the backward reads it back instead of recomputing every head's P) and
     this column tile's share of a·t, |a|², |t|² into ROW_STATS (B, n_col_tiles, Lq, 3).
+    Padding rows and columns (index −1) give a = 0; the teacher is read on real entries only.
     """
     b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
-        VS=VS, QS=QS, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
+        VI=VI, QI=QI, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -218,7 +225,9 @@ def _slice_fwd_kernel(Q, K, LSE, KPM, VS, QS, ROW_WEIGHT, TEACHER, SLC, ROW_TILE
                  tl.sum(a * w[:, None], 0), mask=in_c)
     if MODE == MODE_ALIGN:
         tl.store(SLC + tile, a, mask=tile_ok)
-        t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        # the teacher's padding entries are never read, so they may hold anything
+        t = tl.load(TEACHER + tile, mask=tile_ok & (pos_m >= 0)[:, None] & (pos_n >= 0)[None, :],
+                    other=0.0).to(tl.float32)
         stats = ROW_STATS + ((b * tl.num_programs(1) + tl.program_id(1)) * Lq + offs_r) * 3
         tl.store(stats, tl.sum(a * t, 1), mask=in_r)
         tl.store(stats + 1, tl.sum(a * a, 1), mask=in_r)
@@ -242,7 +251,7 @@ def _bwd_preprocess_kernel(OUT, DO, DLSE, DELTA, L, D, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, DSLICE, ROW_SHARE, DMEAN, TEACHER_COEF, STUDENT_COEF, TEACHER, SLC,
+def _slice_bwd_kernel(Q, K, LSE, KPM, VI, QI, DSLICE, ROW_SHARE, DMEAN, TEACHER_COEF, STUDENT_COEF, TEACHER, SLC,
                       G, DELTA_PART,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                       H, GROUP, L, D, Lq, Nv, qk_scale, inv_h,
@@ -260,7 +269,7 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, DSLICE, ROW_SHARE, DMEAN, TEACHER_
     A tile hidden by the causal mask has P = 0 for every head: its shares are 0 without computing P.
     """
     b, offs_r, offs_c, row_ok, col_ok, pos_m, pos_n, valid, live = _slice_tile(
-        VS=VS, QS=QS, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
+        VI=VI, QI=QI, KPM=KPM, stride_mb=stride_mb, L=L, Lq=Lq, Nv=Nv, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -277,7 +286,8 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, DSLICE, ROW_SHARE, DMEAN, TEACHER_
         c_t = tl.load(TEACHER_COEF + b * Lq + offs_r, mask=in_r, other=0.0)
         c_a = tl.load(STUDENT_COEF + b * Lq + offs_r, mask=in_r, other=0.0)
         a = tl.load(SLC + tile, mask=tile_ok, other=0.0)
-        t = tl.load(TEACHER + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        t = tl.load(TEACHER + tile, mask=tile_ok & (pos_m >= 0)[:, None] & (pos_n >= 0)[None, :],
+                    other=0.0).to(tl.float32)
         g = c_t[:, None] * t + c_a[:, None] * a
     g = g * inv_h
     tl.store(G + tile, g, mask=tile_ok)
@@ -295,8 +305,8 @@ def _slice_bwd_kernel(Q, K, LSE, KPM, VS, QS, DSLICE, ROW_SHARE, DMEAN, TEACHER_
 
 
 @triton.jit
-def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, DQ_ACC, q_base, row_base, g_base, offs_n, offs_d, d_ok,
-                      key_ok, col, col_ok, tile_visual, qs, L, D, Lq, Nv, qk_scale, lo, hi,
+def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, DQ_ACC, ROW_OF_POS, q_base, row_base, g_base, map_base,
+                      offs_n, offs_d, d_ok, key_ok, col, col_ok, tile_visual, q_lo, q_hi, L, D, Nv, qk_scale, lo, hi,
                       EDGE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over the query tiles [lo, hi) of one head; with
@@ -323,9 +333,9 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, DQ_ACC, q_base, row_ba
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_G:
-            if tile_visual & (start_m < qs + Lq) & (start_m + BLOCK_M > qs):
-                row = offs_m - qs
-                g_ok = col_ok[:, None] & ((row >= 0) & (row < Lq))[None, :]
+            if tile_visual & (start_m < q_hi) & (start_m + BLOCK_M > q_lo):
+                row = tl.load(ROW_OF_POS + map_base + offs_m, mask=m_ok, other=-1)
+                g_ok = col_ok[:, None] & (row >= 0)[None, :]
                 dpt += tl.load(G + g_base + row[None, :] * Nv + col[:, None], mask=g_ok, other=0.0)
         # dS = P · (dP + G/H − Δ)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -339,7 +349,7 @@ def _dkdv_query_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, G, DQ_ACC, q_base, row_ba
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV, DQ_ACC,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, ROW_OF_POS, COL_OF_POS, QRANGE, VRANGE, G, DK, DV, DQ_ACC,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                           H, HKV, GROUP, L, D, Lq, Nv, qk_scale, sm_scale,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
@@ -367,17 +377,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV, DQ_AC
     key_ok = n_ok
     if HAS_MASK:
         key_ok = key_ok & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
-    vs = 0
-    qs = 0
+    q_lo = 0
+    q_hi = 0
     col = offs_n
     col_ok = n_ok
     tile_visual = False
+    map_base = b * L
     if HAS_G:
-        vs = tl.load(VS + b)
-        qs = tl.load(QS + b)
-        col = offs_n - vs
-        col_ok = (col >= 0) & (col < Nv)
-        tile_visual = (n0 < vs + Nv) & (n0 + BLOCK_N > vs)
+        q_lo = tl.load(QRANGE + b * 2)
+        q_hi = tl.load(QRANGE + b * 2 + 1)
+        v_lo = tl.load(VRANGE + b * 2)
+        v_hi = tl.load(VRANGE + b * 2 + 1)
+        col = tl.load(COL_OF_POS + map_base + offs_n, mask=n_ok, other=-1)
+        col_ok = col >= 0
+        tile_visual = (n0 < v_hi) & (n0 + BLOCK_N > v_lo)
     g_base = b * Lq * Nv
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -395,15 +408,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV, DQ_AC
         row_base = (b * H + h) * L
         if CAUSAL:
             dk, dv = _dkdv_query_tiles(
-                dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, q_base=q_base,
-                row_base=row_base, g_base=g_base, offs_n=offs_n, offs_d=offs_d, d_ok=d_ok, key_ok=key_ok, col=col,
-                col_ok=col_ok, tile_visual=tile_visual, qs=qs, L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=qk_scale, lo=lo,
+                dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, ROW_OF_POS=ROW_OF_POS,
+                q_base=q_base, row_base=row_base, g_base=g_base, map_base=map_base, offs_n=offs_n, offs_d=offs_d,
+                d_ok=d_ok, key_ok=key_ok, col=col, col_ok=col_ok, tile_visual=tile_visual, q_lo=q_lo, q_hi=q_hi,
+                L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=lo,
                 hi=tl.minimum(inner_lo, L), EDGE=True, HAS_MASK=HAS_MASK, HAS_G=HAS_G, ATOMIC_DQ=ATOMIC_DQ,
                 PRECISION=PRECISION, BLOCK_M=BLOCK_M)
         dk, dv = _dkdv_query_tiles(
-            dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, q_base=q_base,
-            row_base=row_base, g_base=g_base, offs_n=offs_n, offs_d=offs_d, d_ok=d_ok, key_ok=key_ok, col=col,
-            col_ok=col_ok, tile_visual=tile_visual, qs=qs, L=L, D=D, Lq=Lq, Nv=Nv, qk_scale=qk_scale, lo=inner_lo,
+            dk=dk, dv=dv, k=k, v=v, Q=Q, DO=DO, LSE=LSE, DELTA=DELTA, G=G, DQ_ACC=DQ_ACC, ROW_OF_POS=ROW_OF_POS,
+            q_base=q_base, row_base=row_base, g_base=g_base, map_base=map_base, offs_n=offs_n, offs_d=offs_d,
+            d_ok=d_ok, key_ok=key_ok, col=col, col_ok=col_ok, tile_visual=tile_visual, q_lo=q_lo, q_hi=q_hi,
+            L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=inner_lo,
             hi=L, EDGE=False, HAS_MASK=HAS_MASK, HAS_G=HAS_G, ATOMIC_DQ=ATOMIC_DQ, PRECISION=PRECISION,
             BLOCK_M=BLOCK_M)
     out_mask = n_ok[:, None] & d_ok[None, :]
@@ -413,8 +428,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DK, DV, DQ_AC
 
 
 @triton.jit
-def _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_base, offs_m, offs_d, d_ok, row,
-                  row_in, rows_slice, vs, L, D, Nv, qk_scale, lo, hi,
+def _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, COL_OF_POS, kv_base, mask_base, map_base, g_base, offs_m,
+                  offs_d, d_ok, row, row_in, rows_slice, v_lo, v_hi, L, D, Nv, qk_scale, lo, hi,
                   EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over the key tiles [lo, hi); EDGE as in _fwd_key_tiles."""
@@ -441,9 +456,9 @@ def _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_ba
             p = tl.where((tl.load(KPM + mask_base + offs_n) != 0)[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_G:
-            if rows_slice & (start_n < vs + Nv) & (start_n + BLOCK_N > vs):
-                col = offs_n - vs
-                g_ok = row_in[:, None] & ((col >= 0) & (col < Nv))[None, :]
+            if rows_slice & (start_n < v_hi) & (start_n + BLOCK_N > v_lo):
+                col = tl.load(COL_OF_POS + map_base + offs_n, mask=offs_n < L, other=-1)
+                g_ok = row_in[:, None] & (col >= 0)[None, :]
                 dp += tl.load(G + g_base + row[:, None] * Nv + col[None, :], mask=g_ok, other=0.0)
         # dS = P · (dP + G/H − Δ)
         ds = p * (dp - delta[:, None])
@@ -453,7 +468,7 @@ def _dq_key_tiles(dq, q, do, lse2, delta, K, V, KPM, G, kv_base, mask_base, g_ba
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, ROW_OF_POS, COL_OF_POS, QRANGE, VRANGE, G, DQ,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_mb,
                         H, GROUP, L, D, Lq, Nv, qk_scale, sm_scale,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G: tl.constexpr,
@@ -476,16 +491,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
     do = tl.load(DO + q_base + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     lse2 = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-    vs = 0
+    v_lo = 0
+    v_hi = 0
     row = offs_m
     row_in = m_ok
     rows_slice = False
     if HAS_G:
-        vs = tl.load(VS + b)
-        qs = tl.load(QS + b)
-        row = offs_m - qs
-        row_in = (row >= 0) & (row < Lq)
-        rows_slice = (row0 < qs + Lq) & (row0 + BLOCK_M > qs)
+        v_lo = tl.load(VRANGE + b * 2)
+        v_hi = tl.load(VRANGE + b * 2 + 1)
+        q_lo = tl.load(QRANGE + b * 2)
+        q_hi = tl.load(QRANGE + b * 2 + 1)
+        rows_slice = (row0 < q_hi) & (row0 + BLOCK_M > q_lo)
+        row = tl.load(ROW_OF_POS + b * L + offs_m, mask=m_ok, other=-1)
+        row_in = row >= 0
     g_base = b * Lq * Nv
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
@@ -494,15 +512,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, VS, QS, G, DQ,
     else:
         inner_hi = (L // BLOCK_N) * BLOCK_N
         edge_hi = L
-    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, kv_base=kv_base,
-                       mask_base=mask_base, g_base=g_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, row=row,
-                       row_in=row_in, rows_slice=rows_slice, vs=vs, L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=0,
-                       hi=inner_hi, EDGE=False, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G, PRECISION=PRECISION,
-                       BLOCK_N=BLOCK_N)
-    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, kv_base=kv_base,
-                       mask_base=mask_base, g_base=g_base, offs_m=offs_m, offs_d=offs_d, d_ok=d_ok, row=row,
-                       row_in=row_in, rows_slice=rows_slice, vs=vs, L=L, D=D, Nv=Nv, qk_scale=qk_scale, lo=inner_hi,
-                       hi=edge_hi, EDGE=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G, PRECISION=PRECISION,
-                       BLOCK_N=BLOCK_N)
+    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, COL_OF_POS=COL_OF_POS,
+                       kv_base=kv_base, mask_base=mask_base, map_base=b * L, g_base=g_base, offs_m=offs_m, offs_d=offs_d,
+                       d_ok=d_ok, row=row, row_in=row_in, rows_slice=rows_slice, v_lo=v_lo, v_hi=v_hi, L=L, D=D, Nv=Nv,
+                       qk_scale=qk_scale, lo=0,
+                       hi=inner_hi, EDGE=False, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G,
+                       PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+    dq = _dq_key_tiles(dq=dq, q=q, do=do, lse2=lse2, delta=delta, K=K, V=V, KPM=KPM, G=G, COL_OF_POS=COL_OF_POS,
+                       kv_base=kv_base, mask_base=mask_base, map_base=b * L, g_base=g_base, offs_m=offs_m, offs_d=offs_d,
+                       d_ok=d_ok, row=row, row_in=row_in, rows_slice=rows_slice, v_lo=v_lo, v_hi=v_hi, L=L, D=D, Nv=Nv,
+                       qk_scale=qk_scale, lo=inner_hi,
+                       hi=edge_hi, EDGE=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HAS_G=HAS_G,
+                       PRECISION=PRECISION, BLOCK_N=BLOCK_N)
     tl.store(DQ + q_base + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])

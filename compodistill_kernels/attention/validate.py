@@ -39,13 +39,24 @@ class SliceMode(enum.IntEnum):
 
 @dataclass
 class SliceSpec:
-    """Where the visual slice lives: rows query_start[b] + [0, query_len), columns visual_start[b] + [0, visual_len)."""
+    """Where the visual slice lives, as index tensors on the device of q.
 
-    visual_start: torch.Tensor  # (B,) int32 on the device of q
-    visual_len: int
-    query_start: torch.Tensor  # (B,) int32 on the device of q
-    query_len: int
-    row_weight: Optional[torch.Tensor]  # (B, query_len) float32, or None for uniform
+    Row i of sample b is the query at position query_index[b, i], column j the key at visual_index[b, j];
+    −1 marks padding (only ever at the end of a row of indices). Padded rows and columns are 0 in the
+    slice, carry no weight, and are never read from the teacher slice.
+    """
+
+    visual_index: torch.Tensor  # (B, Nv) int32, ascending or not, no position twice, −1 = padding
+    query_index: torch.Tensor  # (B, Nq) int32, same conventions
+    row_weight: Optional[torch.Tensor]  # (B, Nq) float, 0 on padded rows; None: uniform (no padded row)
+
+    @property
+    def visual_len(self) -> int:
+        return self.visual_index.shape[1]
+
+    @property
+    def query_len(self) -> int:
+        return self.query_index.shape[1]
 
 
 def _fail(name, expected, got):
@@ -197,35 +208,114 @@ def _check_range(name, offsets, length, L):
         _fail(name, f"{name} + [0, {what}={length}) inside [0, L={L}] for every sample", offsets.tolist())
 
 
-def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice=None):
+def _span_index(start, length):
+    """The contiguous case as indices: start[b] + [0, length)."""
+    return start[:, None] + torch.arange(length, device=start.device, dtype=torch.int32)[None, :]
+
+
+def _as_index(name, value, B, device):
+    """(indices as an int32 tensor on `device`, the host copy when given on the host)."""
+    if isinstance(value, (list, tuple)):
+        value = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor):
+        _fail(name, "a (B, N) int64 tensor of sequence positions, padded at the end with -1",
+              type(value).__name__)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        _fail(name, "an integer (int64) tensor", value.dtype)
+    if value.dim() != 2 or value.shape[0] != B or value.shape[1] < 1:
+        _fail(name, f"shape (B={B}, N) with N >= 1", _describe(value))
+    if value.device.type != "cpu" and value.device != device:
+        _fail(name, f"the device of q ({device}) or the CPU", value.device)
+    host = value if value.device.type == "cpu" else None
+    return value.to(device=device, dtype=torch.int32, non_blocking=True), host
+
+
+def _index_problems(index, L):
+    """(count of entries outside [-1, L), count of -1 before a real entry, count of repeated positions)
+    as 0-dim tensors, computed where the index lives."""
+    idx = index.long()
+    real = idx >= 0
+    out_of_range = ((idx < -1) | (idx >= L)).sum()
+    pad_before_real = (~real[:, :-1] & real[:, 1:]).sum()
+    ordered = torch.where(real, idx, torch.full_like(idx, -1)).sort(dim=1).values
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum()
+    return out_of_range, pad_before_real, repeated
+
+
+def _raise_index_problems(name, counts, L, shown):
+    out_of_range, pad_before_real, repeated = counts
+    if out_of_range:
+        _fail(name, f"positions in [0, L={L}) or -1 for padding", f"{int(out_of_range)} entries outside, "
+              f"in {shown}")
+    if pad_before_real:
+        _fail(name, "padding (-1) only at the end of each sample's row", f"-1 before a real position in {shown}")
+    if repeated:
+        _fail(name, "each position at most once per sample", f"a repeated position in {shown}")
+
+
+def _slice_axis(q, axis, start, length, index):
+    """Indices (int32, device) of one axis ("visual" or "query") from either form, plus what still needs a
+    device read: a list of (name, problem-count tensors) and, for start offsets on the device, the
+    (name, length, offsets) to range-check."""
+    B, _, L, _ = q.shape
+    start_name, len_name, index_name = f"{axis}_start", f"{axis}_len", f"{axis}_index"
+    if index is not None:
+        if start is not None or length is not None:
+            raise ValueError(f"{index_name}: given together with {start_name}/{len_name}; pass either "
+                             f"{index_name} (B, N) or {start_name} and {len_name}")
+        idx, host = _as_index(index_name, index, B, q.device)
+        if host is not None:
+            _raise_index_problems(index_name, [int(c) for c in _index_problems(host, L)], L, _short(host))
+            return idx, [], []
+        return idx, [(index_name, _index_problems(idx, L))], []
+    if start is None and length is None:
+        raise ValueError(f"{index_name}: expected a (B, N) int64 tensor of positions, or both {start_name} "
+                         f"(B,) and {len_name}; got neither")
+    if start is None:
+        _fail(start_name, f"a (B,) integer tensor with {len_name} (or {index_name} instead)", None)
+    if length is None:
+        _fail(len_name, f"an int with {start_name} (or {index_name} instead)", None)
+    length = _as_length(len_name, length, L)
+    offsets, host = _as_offsets(start_name, start, B, q.device)
+    if host is not None:
+        _check_range(start_name, host, length, L)
+        return _span_index(offsets, length), [], []
+    return _span_index(offsets, length), [], [(start_name, length, offsets)]
+
+
+def _short(t, limit=8):
+    values = t.tolist()
+    return f"{values[:limit]}{' ...' if len(values) > limit else ''}"
+
+
+def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight, teacher_slice=None, *,
+                visual_index=None, query_index=None):
     """Validate the slice arguments; returns a SliceSpec with device tensors.
 
-    Values given on the host are checked there, without touching the device. Values that live on the
-    device (CUDA offsets, row_weight, teacher_slice) are checked together in one host synchronization,
-    unless device_value_checks(False) is active or a CUDA graph is being captured.
+    Each axis comes either as indices (visual_index / query_index, (B, N), −1 padding at the end) or as a
+    contiguous span (start (B,) and len). Values given on the host are checked there, without touching
+    the device. Values that live on the device (CUDA indices or offsets, row_weight, teacher_slice) are
+    checked together in one host synchronization, unless device_value_checks(False) is active or a CUDA
+    graph is being captured.
     """
     B, _, L, _ = q.shape
-    visual_len = _as_length("visual_len", visual_len, L)
-    query_len = _as_length("query_len", query_len, L)
-    vs, vs_host = _as_offsets("visual_start", visual_start, B, q.device)
-    qs, qs_host = _as_offsets("query_start", query_start, B, q.device)
-    if vs_host is not None:
-        _check_range("visual_start", vs_host, visual_len, L)
-    if qs_host is not None:
-        _check_range("query_start", qs_host, query_len, L)
+    vi, v_counts, v_offsets = _slice_axis(q, "visual", visual_start, visual_len, visual_index)
+    qi, q_counts, q_offsets = _slice_axis(q, "query", query_start, query_len, query_index)
+    indexed = visual_index is not None or query_index is not None
+    Nv, Nq = vi.shape[1], qi.shape[1]
     on_device = _device_checks_wanted(q.device)
-    # (name, length, checked offsets) for the offsets that still need a device read
-    device_offsets = [(n, n_len, t) for n, n_len, t, host in (("visual_start", visual_len, vs, vs_host),
-                                                               ("query_start", query_len, qs, qs_host))
-                      if host is None and on_device]
+    device_counts = (v_counts + q_counts) if on_device else []
+    device_offsets = (v_offsets + q_offsets) if on_device else []
     checks = []
+    for _, counts in device_counts:
+        checks += list(counts)
     for _, length, t in device_offsets:
         checks += [t.min(), (t + length).max()]
     if row_weight is not None:
         if not isinstance(row_weight, torch.Tensor) or not row_weight.is_floating_point():
             _fail("row_weight", "a floating-point tensor (B, query_len)", _describe(row_weight))
-        if tuple(row_weight.shape) != (B, query_len):
-            _fail("row_weight", f"shape (B, query_len) = {(B, query_len)}", _describe(row_weight))
+        if tuple(row_weight.shape) != (B, Nq):
+            _fail("row_weight", f"shape (B, query_len) = {(B, Nq)}", _describe(row_weight))
         if row_weight.device != q.device:
             _fail("row_weight", f"the device of q ({q.device})", row_weight.device)
         row_weight = row_weight.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -234,28 +324,36 @@ def check_slice(q, visual_start, visual_len, query_start, query_len, row_weight,
     if teacher_slice is not None:
         if not isinstance(teacher_slice, torch.Tensor) or not teacher_slice.is_floating_point():
             _fail("teacher_slice", "a floating-point tensor (B, query_len, visual_len)", _describe(teacher_slice))
-        if tuple(teacher_slice.shape) != (B, query_len, visual_len):
-            _fail("teacher_slice", f"shape (B, query_len, visual_len) = {(B, query_len, visual_len)}",
+        if tuple(teacher_slice.shape) != (B, Nq, Nv):
+            _fail("teacher_slice", f"shape (B, query_len, visual_len) = {(B, Nq, Nv)}",
                   _describe(teacher_slice))
         if teacher_slice.device != q.device:
             _fail("teacher_slice", f"the device of q ({q.device})", teacher_slice.device)
         if teacher_slice.device.type == "cpu" or on_device:
-            checks.append(torch.isfinite(teacher_slice).all().to(torch.float64))
-    if not checks:
-        return SliceSpec(vs, visual_len, qs, query_len, row_weight)
-    # one host synchronization (none when every value is on the CPU) for all the value checks
-    values = torch.stack([c.to(torch.float64) for c in checks]).tolist()
-    for name, length, t in device_offsets:
-        low, high = values.pop(0), values.pop(0)
-        if low < 0 or high > L:
-            what = "visual_len" if name == "visual_start" else "query_len"
-            _fail(name, f"{name} + [0, {what}={length}) inside [0, L={L}] for every sample", t.tolist())
-    if row_weight is not None and (row_weight.device.type == "cpu" or on_device):
-        if values.pop(0) < 0:
-            _fail("row_weight", "finite, non-negative weights", "a negative or non-finite weight")
-    if teacher_slice is not None and (teacher_slice.device.type == "cpu" or on_device) and values.pop(0) < 1:
-        _fail("teacher_slice", "finite values", "NaN or inf")
-    return SliceSpec(vs, visual_len, qs, query_len, row_weight)
+            # padding entries (a row or a column marked -1) are ignored, whatever they hold
+            real = (qi >= 0)[:, :, None] & (vi >= 0)[:, None, :]
+            checks.append((torch.isfinite(teacher_slice) | ~real).all().to(torch.float64))
+    if checks:
+        # one host synchronization (none when every value is on the CPU) for all the value checks
+        values = torch.stack([c.to(torch.float64) for c in checks]).tolist()
+        for name, _ in device_counts:
+            counts = [values.pop(0) for _ in range(3)]
+            _raise_index_problems(name, counts, L, "one or more samples")
+        for name, length, t in device_offsets:
+            low, high = values.pop(0), values.pop(0)
+            if low < 0 or high > L:
+                what = "visual_len" if name == "visual_start" else "query_len"
+                _fail(name, f"{name} + [0, {what}={length}) inside [0, L={L}] for every sample", t.tolist())
+        if row_weight is not None and (row_weight.device.type == "cpu" or on_device):
+            if values.pop(0) < 0:
+                _fail("row_weight", "finite, non-negative weights", "a negative or non-finite weight")
+        if teacher_slice is not None and (teacher_slice.device.type == "cpu" or on_device) and values.pop(0) < 1:
+            _fail("teacher_slice", "finite values on the real (unpadded) entries", "NaN or inf")
+    if indexed:
+        # padded rows carry no weight; a padded column is 0 in the slice, so it adds nothing to a cosine
+        real_rows = (qi >= 0).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        row_weight = real_rows if row_weight is None else row_weight * real_rows
+    return SliceSpec(vi.contiguous(), qi.contiguous(), row_weight)
 
 
 def check_eps(eps):
