@@ -221,6 +221,50 @@ def query_rows(which: str, attention_mask: torch.Tensor | None, labels: torch.Te
     return SliceRows(visual_start, visual_len, query_start, query_len, row_weight)
 
 
+def indexed_query_rows(which: str, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                       visual_index: torch.Tensor) -> SliceRows:
+    """The query rows of each sample as positions, for visual tokens given as positions.
+
+    visual_index: (B, Nv) int64 positions of each sample's visual tokens, ascending, padded with -1 (any
+    number of images and runs). Rows, per sample, in ascending order and padded with -1:
+      visual  the visual tokens themselves;
+      text    real tokens after the sample's first visual token that are not visual;
+      answer  those of them that are supervised (labels != -100);
+      all     real tokens from the first visual token on, visual ones included.
+    With one contiguous run of visual tokens these are the rows of `query_rows`. row_weight is 1 on a
+    sample's real rows and 0 on padding; a sample with no such row has only padding.
+    """
+    if which not in QUERY_ROWS:
+        raise ValueError(f"query_rows: expected one of {QUERY_ROWS}, got {which!r}")
+    if visual_index.ndim != 2 or visual_index.dtype != torch.int64:
+        raise ValueError(f"visual_index: expected a (B, Nv) int64 tensor, got {tuple(visual_index.shape)} "
+                         f"{visual_index.dtype}")
+    if which == "visual":
+        return SliceRows(visual_index=visual_index, query_index=visual_index.clone(),
+                         row_weight=(visual_index >= 0).float())
+    if attention_mask is None:
+        raise ValueError(f"attention_mask: query_rows={which!r} needs the attention mask to find real tokens")
+    B, L = attention_mask.shape
+    device = visual_index.device
+    positions = torch.arange(L, device=device)[None, :].expand(B, L)
+    is_visual = torch.zeros(B, L, dtype=torch.bool, device=device)
+    is_visual.scatter_(1, visual_index.clamp_min(0), visual_index >= 0)
+    has_image = (visual_index >= 0).any(1, keepdim=True)
+    first = torch.where(visual_index >= 0, visual_index, L).amin(1, keepdim=True)
+    selected = attention_mask.bool() & (positions >= first) & has_image
+    if which != "all":
+        selected = selected & ~is_visual
+    if which == "answer":
+        if labels is None:
+            raise ValueError("labels: query_rows='answer' needs labels (-100 marks rows that are not answers)")
+        selected = selected & (labels != -100)
+    count = max(int(selected.sum(1).max()), 1)
+    # Selected positions first, in order: unselected ones are pushed past L before sorting.
+    order = torch.where(selected, positions, positions + L).sort(dim=1).values[:, :count]
+    query_index = torch.where(order < L, order, torch.full_like(order, -1))
+    return SliceRows(visual_index=visual_index, query_index=query_index, row_weight=(query_index >= 0).float())
+
+
 def group_targets(teacher_slices: dict, matches) -> dict:
     """Ā_t^j: the mean of the teacher slices in each student layer's window, keyed by student layer."""
     targets = {}
@@ -230,10 +274,12 @@ def group_targets(teacher_slices: dict, matches) -> dict:
     return targets
 
 
-def _below_mean_plus_std(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x ≤ μ + σ per sample, μ and σ (Bessel-corrected) over the entries of the selected rows.
-    x (B, R, N), rows (B, R) bool. A block of one entry has σ = 0 (no NaN)."""
+def _below_mean_plus_std(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """x ≤ μ + σ per sample, μ and σ (Bessel-corrected) over the entries of the selected rows (and real
+    columns). x (B, R, N), rows (B, R) bool, columns (B, N) bool or None. A block of one entry has σ = 0."""
     selected = rows[:, :, None].expand_as(x)
+    if columns is not None:
+        selected = selected & columns[:, None, :]
     count = selected.sum((1, 2))
     mean = torch.where(selected, x, 0).sum((1, 2)) / count.clamp_min(1)
     squares = torch.where(selected, (x - mean[:, None, None]) ** 2, 0).sum((1, 2))
@@ -241,18 +287,22 @@ def _below_mean_plus_std(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x <= (mean + std)[:, None, None]
 
 
-def sink_keep(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+def sink_keep(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor | None,
+              column_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention-sink filter of the authors' DistillTrainer, per sample over its whole block.
 
     student, teacher: (B, R, N) slices (rows × visual keys); row_weight: (B, R), rows with weight 0
     belong to no sample and are neither counted nor kept (None: every row). Returns (B, R, N) bool:
     S ≤ μ_S + σ_S and T ≤ μ_T + σ_T and T ≠ 0, each side with its own mean and Bessel-corrected
-    standard deviation over the sample's selected entries.
+    standard deviation over the sample's selected entries. column_mask: (B, N) bool, False on the padding
+    columns of indexed visual tokens, which are neither counted nor kept (None: every column is real).
     """
     s, t = student.detach(), teacher.detach()
     rows = (torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if row_weight is None
             else row_weight.to(s.device) > 0)
-    return _below_mean_plus_std(s, rows) & _below_mean_plus_std(t, rows) & (t != 0) & rows[:, :, None]
+    columns = None if column_mask is None else column_mask.to(s.device).bool()
+    keep = _below_mean_plus_std(s, rows, columns) & _below_mean_plus_std(t, rows, columns) & (t != 0) & rows[:, :, None]
+    return keep if columns is None else keep & columns[:, None, :]
 
 
 def _loss_dtype(*tensors) -> torch.dtype:
@@ -264,7 +314,8 @@ def _loss_dtype(*tensors) -> torch.dtype:
 
 
 def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor | None, *,
-               loss: str, reduce: str = "rows", sink_filter: bool = False, eps: float = 1e-8) -> torch.Tensor:
+               loss: str, reduce: str = "rows", sink_filter: bool = False, eps: float = 1e-8,
+               column_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The VAT loss of one matched layer from exported slices (see the module docstring).
 
     student, teacher: (B, R, N) rows over the visual keys, or (B, N) vectors already pooled by the kernel
@@ -273,6 +324,8 @@ def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.T
     reduce: "rows" (Σ w·ℓ(row) / Σ w over every row of the batch) or "mean" (rows pooled per key column,
         then the mean of ℓ over the samples that have a row).
     sink_filter: the authors' block filter (`sink_keep`), before pooling or per-row loss.
+    column_mask: (B, N) bool, True on real visual columns, for slices of indexed visual tokens whose
+        padding columns are 0; the losses then run over real columns only (None: all are real).
     Returns a scalar in float32 (float64 for float64 inputs), 0 when no row has weight; the teacher
     gets no gradient.
     """
@@ -290,7 +343,7 @@ def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.T
     if student.ndim == 3:
         weight = (torch.ones(student.shape[:2], dtype=dtype, device=student.device) if row_weight is None
                   else row_weight.to(device=student.device, dtype=dtype))
-        keep = sink_keep(student, teacher, weight) if sink_filter else None
+        keep = sink_keep(student, teacher, weight, column_mask) if sink_filter else None
         if reduce == "mean":
             # Column means over the kept entries; without the filter, the row-weighted mean of the rows.
             if keep is None:
@@ -308,7 +361,12 @@ def slice_loss(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.T
     if loss == "cosine":
         per_row = 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=eps)
     elif loss == "mse":
-        per_row = (student - teacher).pow(2).mean(-1)
+        if column_mask is None:
+            per_row = (student - teacher).pow(2).mean(-1)
+        else:
+            columns = column_mask.to(device=student.device, dtype=student.dtype)
+            columns = columns if student.ndim == 2 else columns[:, None, :]
+            per_row = ((student - teacher).pow(2) * columns).sum(-1) / columns.sum(-1).clamp_min(1)
     else:
         p_t = teacher.clamp_min(0) / teacher.sum(-1, keepdim=True).clamp_min(eps)
         p_s = student.clamp_min(0) / student.sum(-1, keepdim=True).clamp_min(eps)

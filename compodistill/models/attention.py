@@ -34,17 +34,77 @@ ATTENTION_NAME = "compodistill"
 
 @dataclass
 class SliceRows:
-    """Which query rows and visual keys a slice covers, per sample.
+    """Which query rows and visual keys a slice covers, per sample, in one of two forms per axis.
 
-    visual_start, query_start: (B,) long; visual_len, query_len: ints; row_weight: (B, query_len)
-    float with 0 for rows that belong to no sample (padding, rows outside the selection) or None.
+    Contiguous: visual_start / query_start (B,) long with visual_len / query_len ints: every sample's
+    keys (rows) are one window of that length. Indexed: visual_index / query_index (B, N) int64
+    sequence positions, padded at the end with -1: any number of keys (rows) per sample, in any
+    number of runs (several images, tiles). An axis takes one form; the two axes may differ.
+    row_weight: (B, query_len) float with 0 for rows that belong to no sample, or None.
     """
 
-    visual_start: torch.Tensor
-    visual_len: int
-    query_start: torch.Tensor
-    query_len: int
+    visual_start: torch.Tensor | None = None
+    visual_len: int | None = None
+    query_start: torch.Tensor | None = None
+    query_len: int | None = None
     row_weight: torch.Tensor | None = None
+    visual_index: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for axis in ("visual", "query"):
+            index = getattr(self, f"{axis}_index")
+            span = (getattr(self, f"{axis}_start"), getattr(self, f"{axis}_len"))
+            if (index is None) == (span[0] is None or span[1] is None):
+                raise ValueError(f"{axis}: give either {axis}_index or both {axis}_start and {axis}_len")
+
+    @property
+    def batch_size(self) -> int:
+        source = self.visual_index if self.visual_index is not None else self.visual_start
+        return int(source.shape[0])
+
+    @property
+    def num_visual(self) -> int:
+        """Columns of a slice: visual_len, or the width of visual_index."""
+        return int(self.visual_index.shape[1]) if self.visual_index is not None else int(self.visual_len)
+
+    @property
+    def num_query(self) -> int:
+        """Rows of a slice: query_len, or the width of query_index."""
+        return int(self.query_index.shape[1]) if self.query_index is not None else int(self.query_len)
+
+    def visual_positions(self) -> torch.Tensor:
+        """(B, num_visual) long: the visual key positions, -1 on padding (both forms)."""
+        if self.visual_index is not None:
+            return self.visual_index
+        return self.visual_start[:, None] + torch.arange(self.visual_len, device=self.visual_start.device)
+
+    def query_positions(self) -> torch.Tensor:
+        """(B, num_query) long: the query row positions, -1 on padding (both forms)."""
+        if self.query_index is not None:
+            return self.query_index
+        return self.query_start[:, None] + torch.arange(self.query_len, device=self.query_start.device)
+
+    def column_mask(self) -> torch.Tensor | None:
+        """(B, num_visual) bool, True on real visual columns; None when every column is real."""
+        return None if self.visual_index is None else self.visual_index >= 0
+
+    def kernel_arguments(self) -> dict:
+        """The keyword arguments of attention_with_visual_slice / attention_with_alignment."""
+        if self.visual_index is not None:
+            visual = {"visual_index": self.visual_index}
+        else:
+            visual = {"visual_start": self.visual_start, "visual_len": int(self.visual_len)}
+        if self.query_index is not None:
+            query = {"query_index": self.query_index}
+        else:
+            query = {"query_start": self.query_start, "query_len": int(self.query_len)}
+        return {**visual, **query, "row_weight": self.row_weight}
+
+    def to(self, device) -> "SliceRows":
+        moved = {name: (value.to(device) if torch.is_tensor(value) else value)
+                 for name, value in vars(self).items()}
+        return SliceRows(**moved)
 
 
 @dataclass
@@ -115,21 +175,20 @@ def compodistill_attention(module, query, key, value, attention_mask, scaling=No
         out, _ = flash_attention(query, key, value, **common)
         return out.transpose(1, 2), None
     rows = probe.rows
-    if query.shape[0] != rows.visual_start.shape[0]:
-        raise ValueError(f"compodistill_probe: rows are for batch {rows.visual_start.shape[0]}, "
+    if query.shape[0] != rows.batch_size:
+        raise ValueError(f"compodistill_probe: rows are for batch {rows.batch_size}, "
                          f"layer {layer} sees batch {query.shape[0]}")
-    span = (rows.visual_start, rows.visual_len, rows.query_start, rows.query_len)
+    span = rows.kernel_arguments()
     if layer in probe.intervene:
         out = _intervened_attention(query, key, value, attention_mask, scaling, rows, probe.intervene[layer],
                                     probe.mix)
         return out.transpose(1, 2), None
     if layer in probe.align:
-        out, loss = attention_with_alignment(query, key, value, probe.align[layer], *span,
-                                             row_weight=rows.row_weight, eps=probe.eps, **common)
+        out, loss = attention_with_alignment(query, key, value, probe.align[layer], eps=probe.eps,
+                                             **span, **common)
         probe.losses[layer] = loss
     else:
-        out, slc = attention_with_visual_slice(query, key, value, *span, reduce=probe.export[layer],
-                                               row_weight=rows.row_weight, **common)
+        out, slc = attention_with_visual_slice(query, key, value, reduce=probe.export[layer], **span, **common)
         probe.slices[layer] = slc
     return out.transpose(1, 2), None
 
@@ -177,18 +236,21 @@ def _intervened_attention(query, key, value, padding, scaling, rows: SliceRows, 
     if padding is not None:
         allowed = allowed & padding[:, None, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    query_positions, visual_positions = rows.query_positions(), rows.visual_positions()
     for b in range(B):
-        q0, v0 = int(rows.query_start[b]), int(rows.visual_start[b])
-        weight = torch.ones(rows.query_len, device=query.device) if rows.row_weight is None else rows.row_weight[b]
-        chosen = (weight > 0).nonzero().flatten()
-        block = probs[b, :, q0 + chosen]                      # (H, n, L)
-        visual = block[..., v0:v0 + rows.visual_len]
-        mixed = (1 - mix) * visual + mix * teacher[b, chosen].float()[None]
+        weight = (torch.ones(rows.num_query, device=query.device) if rows.row_weight is None
+                  else rows.row_weight[b])
+        chosen = ((weight > 0) & (query_positions[b] >= 0)).nonzero().flatten()
+        columns = (visual_positions[b] >= 0).nonzero().flatten()
+        keys = visual_positions[b, columns]
+        block = probs[b][:, query_positions[b, chosen]]          # (H, n, L)
+        visual = block[..., keys]
+        mixed = (1 - mix) * visual + mix * teacher[b][chosen][:, columns].float()[None]
         # Renormalise: the row keeps its text-key mass, and the visual mass becomes the mixed one.
         total = block.sum(-1, keepdim=True) - visual.sum(-1, keepdim=True) + mixed.sum(-1, keepdim=True)
         block = block.clone()
-        block[..., v0:v0 + rows.visual_len] = mixed
-        probs[b, :, q0 + chosen] = block / total.clamp_min(1e-12)
+        block[..., keys] = mixed
+        probs[b][:, query_positions[b, chosen]] = block / total.clamp_min(1e-12)
     return torch.matmul(probs, value.float()).to(query.dtype)
 
 
