@@ -20,11 +20,13 @@ from torch import nn
 from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodistill_attention,
                                 num_language_model_layers)
 from ..models import parts
+from ..models.families import family_of, visual_index
 from ..models.mllm import MLLM, image_token_count, visual_token_positions
 from ..models.vision import multimodal_embeddings
 from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
-from .vat import VATConfig, combine_layers, group_targets, query_rows, resolve_layers, slice_loss
+from .vat import (VATConfig, combine_layers, group_targets, indexed_query_rows, query_rows, resolve_layers,
+                  slice_loss)
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -103,9 +105,21 @@ def _unwrap(model):
     return model
 
 
+def _family(model):
+    """The family adapter of a model of another family than LLaVA, None for a LLaVA (`parts`)."""
+    config = parts.base_model(model).config
+    if getattr(config, "model_type", None) == "llava":
+        return None
+    return family_of(config)
+
+
 def _parts(model):
-    """(LlavaModel backbone, lm_head, config) of a LLaVA, also through a peft wrapper."""
-    return parts.backbone(model), parts.lm_head(model), parts.base_model(model).config
+    """(backbone, lm_head, config) of a LLaVA or of any supported family, also through a peft wrapper.
+    The backbone runs vision tower, projector and decoder stack and returns last_hidden_state."""
+    family = _family(model)
+    if family is None:
+        return parts.backbone(model), parts.lm_head(model), parts.base_model(model).config
+    return family.backbone(model), family.lm_head(model), parts.base_model(model).config
 
 
 def check_compatible(student: MLLM, teacher: MLLM):
@@ -137,7 +151,11 @@ class Distiller(nn.Module):
 
     batch: input_ids (B, L), attention_mask (B, L), pixel_values (B, 3, H, W) — or vision_features
     (B, N, D), the frozen vision tower's output (models.vision.vision_features) —, labels (B, L) with
-    -100 on unsupervised tokens. Every sample holds one image as a contiguous run of image tokens.
+    -100 on unsupervised tokens. For a LLaVA every sample holds one image as a contiguous run of image
+    tokens. For the other families (models.families) the batch is the model's processor output plus
+    labels (pixel_values, image_grid_thw, image_sizes, ... as the family takes them): samples may hold
+    several images and different numbers of visual tokens, which the kernels then take as positions
+    (visual_index / query_index). One equal-length contiguous run per sample uses the contiguous form.
     """
 
     def __init__(self, student, teacher=None, config: DistillConfig | None = None, *, backend: str = "auto"):
@@ -157,8 +175,19 @@ class Distiller(nn.Module):
             enable_compodistill_attention(teacher, backend=backend)
             self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and prepare()
         _, _, s_cfg = _parts(self.student)
-        self.image_token_id = int(s_cfg.image_token_id)
-        self.num_image_tokens = image_token_count(s_cfg)
+        self.family = _family(self.student)
+        if self.family is None:
+            self.image_token_ids = (int(s_cfg.image_token_id),)
+            self.num_image_tokens = image_token_count(s_cfg)
+        else:
+            self.image_token_ids = self.family.image_token_ids(s_cfg)
+            self.num_image_tokens = None
+            if self._teacher is not None and _family(teacher) is not None:
+                teacher_ids = _family(teacher).image_token_ids(teacher.config)
+                if set(teacher_ids) != set(self.image_token_ids):
+                    raise ValueError(f"teacher: image token ids {teacher_ids} differ from the student's "
+                                     f"{self.image_token_ids}; one processed batch must mark the same visual "
+                                     "tokens for both (models.pairing.check_pair checks a batch)")
         self.matches = None
         if self.config.weights.vat > 0:
             vat = self.config.vat
@@ -201,9 +230,12 @@ class Distiller(nn.Module):
             # the frozen tower's features, computed once per image: projector and LM run as usual
             embeds = multimodal_embeddings(model, batch["input_ids"], batch["vision_features"])
             out = backbone(inputs_embeds=embeds, **common)
-        else:
+        elif _family(model) is None:
             pixel_values = batch["pixel_values"].to(next(backbone.parameters()).dtype)
             out = backbone(input_ids=batch["input_ids"], pixel_values=pixel_values, **common)
+        else:
+            inputs = _family(model).model_inputs(batch, dtype=next(backbone.parameters()).dtype)
+            out = backbone(input_ids=batch["input_ids"], **inputs, **common)
         if probe is not None:
             missing = probe.layers - set(probe.slices) - set(probe.losses)
             if missing:
@@ -212,10 +244,23 @@ class Distiller(nn.Module):
         return out.last_hidden_state
 
     def _rows(self, batch):
-        visual_start, visual_len = visual_token_positions(batch["input_ids"], self.image_token_id,
-                                                          self.num_image_tokens)
-        return query_rows(self.config.vat.query_rows, batch.get("attention_mask"), batch.get("labels"),
-                          visual_start, visual_len)
+        """The slice rows of a batch. One contiguous run of visual tokens of the same length per sample
+        gives the contiguous form (no index gathers in the kernels); anything else (several images,
+        different token counts, tiles with separators) the indexed form."""
+        which, mask, labels = self.config.vat.query_rows, batch.get("attention_mask"), batch.get("labels")
+        index = visual_index(batch["input_ids"], self.image_token_ids)
+        real = index >= 0
+        if not bool(real.any(1).all()):
+            b = int((~real.any(1)).nonzero()[0])
+            raise ValueError(f"input_ids: sample {b} has no image token (ids {self.image_token_ids})")
+        counts = real.sum(1)
+        span = index.gather(1, (counts - 1)[:, None])[:, 0] - index[:, 0] + 1
+        if bool(real.all()) and bool((span == counts).all()):
+            if self.num_image_tokens is not None and int(counts[0]) != self.num_image_tokens:
+                # A LLaVA with one image per sample: visual_token_positions explains the mismatch.
+                visual_token_positions(batch["input_ids"], self.image_token_ids[0], self.num_image_tokens)
+            return query_rows(which, mask, labels, index[:, 0].clone(), int(counts[0]))
+        return indexed_query_rows(which, mask, labels, index)
 
     def _teacher_slices(self, batch, rows, layers):
         reduce = self.config.vat.export_reduce
@@ -285,10 +330,12 @@ class Distiller(nn.Module):
 
     def _slice_loss(self, student, teacher, rows, *, loss):
         vat = self.config.vat
+        columns = rows.column_mask()
         if student.ndim == 2:  # pooled by the kernel: one vector per sample, weighted if it has rows
-            return slice_loss(student, teacher, (rows.row_weight.sum(1) > 0).float(), loss=loss, eps=vat.eps)
+            return slice_loss(student, teacher, (rows.row_weight.sum(1) > 0).float(), loss=loss, eps=vat.eps,
+                              column_mask=columns)
         return slice_loss(student, teacher, rows.row_weight, loss=loss, reduce=vat.reduce,
-                          sink_filter=vat.sink_filter, eps=vat.eps)
+                          sink_filter=vat.sink_filter, eps=vat.eps, column_mask=columns)
 
     def _vat_loss(self, probe, targets, rows):
         vat = self.config.vat

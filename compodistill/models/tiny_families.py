@@ -290,7 +290,9 @@ def _internvl_processor():
     images = GotOcr2ImageProcessorPil(size={"height": _TILE, "width": _TILE}, crop_to_patches=True, min_patches=1,
                                       max_patches=6)
     # 16 patches per tile, pixel-shuffled by 0.5 on each side: 4 LM tokens per tile.
-    return _image_only("InternVLProcessor")(image_processor=images, tokenizer=tokenizer, image_seq_length=(_TILE // _PATCH) ** 2 // 4, chat_template=_chatml("<IMG_CONTEXT>\n"))
+    return _image_only("InternVLProcessor")(image_processor=images, tokenizer=tokenizer,
+                                            image_seq_length=(_TILE // _PATCH) ** 2 // 4,
+                                            chat_template=_chatml("<IMG_CONTEXT>\n"))
 
 
 def _internvl(lm: _LM, processor):
