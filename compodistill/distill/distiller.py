@@ -21,7 +21,7 @@ from ..models.attention import (ATTENTION_NAME, AttentionProbe, enable_compodist
                                 num_language_model_layers)
 from ..models import parts
 from ..models.families import family_of, visual_index
-from ..models.mllm import MLLM, image_token_count, visual_token_positions
+from ..models.mllm import MLLM, image_token_count, llava_class, visual_token_positions
 from ..models.vision import multimodal_embeddings
 from .kd import KD_KINDS, lm_and_kd_losses
 from .layers import adaptive_match, describe_matching, match_layers
@@ -106,11 +106,12 @@ def _unwrap(model):
 
 
 def _family(model):
-    """The family adapter of a model of another family than LLaVA, None for a LLaVA (`parts`)."""
-    config = parts.base_model(model).config
-    if getattr(config, "model_type", None) == "llava":
+    """The family adapter of a transformers VLM (models.families), None for this library's own LLaVA
+    (`CompoDistillLlava`, whose parts `models.parts` knows and whose image-token count is fixed)."""
+    base = parts.base_model(model)
+    if isinstance(base, llava_class()):
         return None
-    return family_of(config)
+    return family_of(base.config)
 
 
 def _parts(model):
@@ -248,7 +249,13 @@ class Distiller(nn.Module):
         gives the contiguous form (no index gathers in the kernels); anything else (several images,
         different token counts, tiles with separators) the indexed form."""
         which, mask, labels = self.config.vat.query_rows, batch.get("attention_mask"), batch.get("labels")
-        index = visual_index(batch["input_ids"], self.image_token_ids)
+        index = batch.get("visual_index")
+        if index is None:
+            index = visual_index(batch["input_ids"], self.image_token_ids)
+        elif not torch.is_tensor(index) or index.dtype != torch.int64 or index.ndim != 2 \
+                or index.shape[0] != batch["input_ids"].shape[0]:
+            raise ValueError(f"visual_index: expected a (B, Nv) int64 tensor for batch {batch['input_ids'].shape[0]}, "
+                             f"got {getattr(index, 'shape', index)}")
         real = index >= 0
         if not bool(real.any(1).all()):
             b = int((~real.any(1)).nonzero()[0])
