@@ -36,7 +36,7 @@ def test_collator_labels_and_visual_index(name, data, tmp_path):
     assert [len(s["images"]) for s in samples] == [1, 2, 1, 2]
     batch = ProcessorCollator(processor, image_ids)(samples)
     records = json.load(open(data[0]))
-    for b, sample in enumerate(samples):
+    for b in range(len(samples)):
         ids, labels = batch["input_ids"][b], batch["labels"][b]
         supervised = processor.tokenizer.decode(ids[labels != -100])
         answer = records[b]["conversations"][1]["value"]
