@@ -200,6 +200,11 @@ class Distiller(nn.Module):
                 self.matches = match_layers(self.student_layers, self.teacher_layers, vat.matching)
 
     @property
+    def image_token_id(self) -> int:
+        """The (first) id of the visual tokens; `image_token_ids` holds all of a family's."""
+        return self.image_token_ids[0]
+
+    @property
     def teacher(self):
         return None if self._teacher is None else self._teacher[0]
 

@@ -346,7 +346,13 @@ def load_pretrained(path: str, *, torch_dtype=None) -> MLLM:
         raise ValueError(f"path: expected a checkpoint folder with config.json, got {path!r}")
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "llava":
-        raise ValueError(f"path: expected a LLaVA checkpoint (model_type 'llava'), got {config.model_type!r}")
+        from .families import FAMILIES
+
+        hint = ""
+        if any(config.model_type in family.model_types for family in FAMILIES.values()):
+            hint = ("; checkpoints of the other VLM families load with models.families.load_vlm and are "
+                    "distilled with python -m compodistill.distill_vlm")
+        raise ValueError(f"path: expected a LLaVA checkpoint (model_type 'llava'), got {config.model_type!r}{hint}")
     if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"path: expected a Qwen2-architecture language model, got "
                          f"{config.text_config.model_type!r}")
