@@ -39,10 +39,11 @@ def _params(with_backend: bool):
         if not with_backend:
             yield pytest.param(name, id=name, marks=_available(name))
             continue
-        yield pytest.param(name, "torch", id=f"{name}-torch", marks=_available(name))
+        for padding in ("right", "left"):
+            yield pytest.param(name, "torch", padding, id=f"{name}-torch-{padding}", marks=_available(name))
         if name in TRITON_FAMILIES:
             marks = _available(name) + [pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)]
-            yield pytest.param(name, "triton", id=f"{name}-triton", marks=marks)
+            yield pytest.param(name, "triton", "right", id=f"{name}-triton-right", marks=marks)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,10 @@ def _image(width, height, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _batch(processor, samples):
+def _batch(processor, samples, padding_side="right"):
     """samples: [(question, answer, [(width, height), ...])] → processor tensors plus labels that
-    supervise each answer (right padding)."""
-    processor.tokenizer.padding_side = "right"
+    supervise each answer."""
+    processor.tokenizer.padding_side = padding_side
     prompts, texts, images = [], [], []
     for b, (question, answer, sizes) in enumerate(samples):
         user = [{"role": "user", "content": [{"type": "image"}] * len(sizes) + [{"type": "text", "text": question}]}]
@@ -74,11 +75,16 @@ def _batch(processor, samples):
         texts.append(prompt + answer)
         images.append([_image(w, h, seed=10 * b + i) for i, (w, h) in enumerate(sizes)])
     batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
-    prompt_lengths = [int(processor(text=[p], images=[im], return_tensors="pt")["input_ids"].shape[1])
-                      for p, im in zip(prompts, images)]
+    def length(text, sample_images):
+        return int(processor(text=[text], images=[sample_images], return_tensors="pt")["input_ids"].shape[1])
+
     labels = batch["input_ids"].clone()
+    # Where each sample's answer starts: after its prompt, behind the padding when it is on the left.
+    first_answer = [length(p, im) + (labels.shape[1] - length(t, im) if padding_side == "left" else 0)
+                    for p, t, im in zip(prompts, texts, images)]
     positions = torch.arange(labels.shape[1])[None]
-    supervised = (positions >= torch.tensor(prompt_lengths)[:, None]) & batch["attention_mask"].bool()
+    supervised = (positions >= torch.tensor(first_answer)[:, None]) & batch["attention_mask"].bool()
+    processor.tokenizer.padding_side = "right"
     batch["labels"] = labels.masked_fill(~supervised, -100)
     return batch
 
@@ -141,13 +147,13 @@ def _eager_losses(student, teacher, family, image_ids, batch, matches):
     return out
 
 
-@pytest.mark.parametrize("name,backend", list(_params(with_backend=True)))
-def test_distillation_step_equals_eager(name, backend, pairs):
-    """lm + kd + vat of one step on a batch of mixed image sizes (one sample with two images) equals the
-    eager computation, and so do the student's gradients."""
+@pytest.mark.parametrize("name,backend,padding", list(_params(with_backend=True)))
+def test_distillation_step_equals_eager(name, backend, padding, pairs):
+    """lm + kd + vat of one step on a batch of mixed image sizes (one sample with two images), padded on
+    either side, equals the eager computation, and so do the student's gradients."""
     teacher_vlm, student_vlm = pairs(name)
     family = student_vlm.family
-    batch = _batch(student_vlm.processor, MIXED)
+    batch = _batch(student_vlm.processor, MIXED, padding_side=padding)
     image_ids = family.image_token_ids(student_vlm.model.config)
     counts = (visual_index(batch["input_ids"], image_ids) >= 0).sum(1).tolist()
     assert counts[0] != counts[1]  # the indexed form is exercised
