@@ -153,11 +153,13 @@ class ProcessorCollator:
         out = self.processor(text=[text], images=[images[:count]] if count else None, return_tensors="pt")
         return out["input_ids"][0].tolist()
 
-    def labels_of(self, sample) -> list:
+    def labels_of(self, sample, full: list | None = None) -> list:
         """Per-token labels of one sample: the tokens each assistant turn adds to the rendering of the
-        turns before it (after its header) are supervised."""
+        turns before it (after its header) are supervised. full: the sample's token ids when they are
+        already known (its real tokens in a processed batch); processed here otherwise."""
         messages, images = sample["messages"], sample["images"]
-        full = self._ids(messages, images, generation=False)
+        if full is None:
+            full = self._ids(messages, images, generation=False)
         labels = [IGNORE_INDEX] * len(full)
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -185,11 +187,8 @@ class ProcessorCollator:
         input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for b, sample in enumerate(samples):
-            sample_labels = self.labels_of(sample)
             real = mask[b].nonzero().flatten()
-            if len(real) != len(sample_labels):
-                raise BadSample(sample["id"], "tokenization differs in a batch",
-                                f"{len(real)} tokens batched, {len(sample_labels)} alone")
+            sample_labels = self.labels_of(sample, input_ids[b, real].tolist())
             if self.max_length is not None and len(real) > self.max_length:
                 raise BadSample(sample["id"], "too long", f"{len(real)} tokens > max_length {self.max_length}")
             labels[b, real] = torch.tensor(sample_labels, dtype=labels.dtype)

@@ -183,8 +183,9 @@ class Distiller(nn.Module):
         else:
             self.image_token_ids = self.family.image_token_ids(s_cfg)
             self.num_image_tokens = None
-            if self._teacher is not None and _family(teacher) is not None:
-                teacher_ids = _family(teacher).image_token_ids(teacher.config)
+            teacher_family = None if self._teacher is None else _family(teacher)
+            if teacher_family is not None:
+                teacher_ids = teacher_family.image_token_ids(teacher.config)
                 if set(teacher_ids) != set(self.image_token_ids):
                     raise ValueError(f"teacher: image token ids {teacher_ids} differ from the student's "
                                      f"{self.image_token_ids}; one processed batch must mark the same visual "

@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-from .families import family_of, visual_index
+from .families import family_of
 
 
 def _family_and_ids(model):
@@ -64,7 +64,6 @@ def check_pair(student, teacher, batch: dict, *, run_forward: bool = True) -> No
             except (ValueError, RuntimeError, IndexError) as error:
                 raise ValueError(f"{role}: its forward fails on this batch ({error}); are both processors "
                                  "the same and do the image tokens match the visual features?") from error
-    visual_index(input_ids, s_ids)  # validates dtype and shape once more for the caller
 
 
 class FetchedProjector(nn.Module):

@@ -8,14 +8,14 @@ import copy
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from compodistill.models.attention import AttentionProbe, SliceRows, enable_compodistill_attention
 from compodistill.models.families import FAMILIES, family_of, load_vlm, visual_index
-from compodistill.models.tiny_families import STUDENT_LM, TEACHER_LM, TINY_FAMILIES, build_tiny_pair
+from compodistill.models.tiny_families import STUDENT_LM, TEACHER_LM, TINY_FAMILIES
+
+from .family_helpers import missing_marks, random_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -32,31 +32,10 @@ PROJECTOR_SHAPES = {
 
 
 def _family_param(name):
-    missing = FAMILIES[name].missing_requirements()
-    marks = [pytest.mark.skip(reason=f"{name}'s processor needs {', '.join(missing)}, not installed")] if missing else []
-    return pytest.param(name, id=name, marks=marks)
+    return pytest.param(name, id=name, marks=missing_marks(name))
 
 
 FAMILY_PARAMS = [_family_param(name) for name in TINY_FAMILIES]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """family → (teacher VLM, student VLM, teacher folder), built and loaded once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            teacher_path, student_path = build_tiny_pair(name, tmp_path_factory.mktemp(name))
-            cache[name] = (load_vlm(teacher_path), load_vlm(student_path), teacher_path)
-        return cache[name]
-
-    return get
-
-
-def _image(width, height, seed):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def _prompt(processor, n_images, text):
@@ -67,7 +46,7 @@ def _prompt(processor, n_images, text):
 def _batch(processor, samples):
     """samples: [(text, [(width, height), ...])] → the processor's tensors for the batch."""
     texts = [_prompt(processor, len(sizes), text) for text, sizes in samples]
-    images = [[_image(w, h, seed=10 * b + i) for i, (w, h) in enumerate(sizes)] for b, (_, sizes) in enumerate(samples)]
+    images = [[random_image(w, h, seed=10 * b + i) for i, (w, h) in enumerate(sizes)] for b, (_, sizes) in enumerate(samples)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 

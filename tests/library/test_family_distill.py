@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from compodistill.distill import DistillConfig, Distiller, KDConfig, VATConfig
 from compodistill.models.attention import AttentionProbe, enable_compodistill_attention
-from compodistill.models.families import FAMILIES, load_vlm, visual_index
+from compodistill.models.families import FAMILIES, visual_index
 from compodistill.models.pairing import check_pair, fetch_teacher_projector
-from compodistill.models.tiny_families import TINY_FAMILIES, build_tiny_pair
+from compodistill.models.tiny_families import TINY_FAMILIES
 from compodistill.distill.vat import indexed_query_rows
 
 from ..common import TRITON_SKIP_REASON, triton_runnable
+from .family_helpers import missing_marks, random_image
 from .model_helpers import grads_of, worst_grad_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -29,38 +28,16 @@ CONFIG = DistillConfig(vat=VATConfig(student_layers=[0, 1], teacher_layers=[0, 1
 TRITON_FAMILIES = ("qwen2_5_vl", "llava_onevision", "internvl", "idefics3", "llava")
 
 
-def _available(name):
-    missing = FAMILIES[name].missing_requirements()
-    return [pytest.mark.skip(reason=f"{name}'s processor needs {', '.join(missing)}, not installed")] if missing else []
-
-
 def _params(with_backend: bool):
     for name in TINY_FAMILIES:
         if not with_backend:
-            yield pytest.param(name, id=name, marks=_available(name))
+            yield pytest.param(name, id=name, marks=missing_marks(name))
             continue
         for padding in ("right", "left"):
-            yield pytest.param(name, "torch", padding, id=f"{name}-torch-{padding}", marks=_available(name))
+            yield pytest.param(name, "torch", padding, id=f"{name}-torch-{padding}", marks=missing_marks(name))
         if name in TRITON_FAMILIES:
-            marks = _available(name) + [pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)]
+            marks = missing_marks(name) + [pytest.mark.skipif(not triton_runnable(), reason=TRITON_SKIP_REASON)]
             yield pytest.param(name, "triton", "right", id=f"{name}-triton-right", marks=marks)
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            teacher_path, student_path = build_tiny_pair(name, tmp_path_factory.mktemp(name))
-            cache[name] = (load_vlm(teacher_path), load_vlm(student_path))
-        return cache[name]
-
-    return get
-
-
-def _image(width, height, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _batch(processor, samples, padding_side="right"):
@@ -73,7 +50,7 @@ def _batch(processor, samples, padding_side="right"):
         prompt = processor.apply_chat_template(user, add_generation_prompt=True)
         prompts.append(prompt)
         texts.append(prompt + answer)
-        images.append([_image(w, h, seed=10 * b + i) for i, (w, h) in enumerate(sizes)])
+        images.append([random_image(w, h, seed=10 * b + i) for i, (w, h) in enumerate(sizes)])
     batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
     def length(text, sample_images):
         return int(processor(text=[text], images=[sample_images], return_tensors="pt")["input_ids"].shape[1])
@@ -151,7 +128,7 @@ def _eager_losses(student, teacher, family, image_ids, batch, matches):
 def test_distillation_step_equals_eager(name, backend, padding, pairs):
     """lm + kd + vat of one step on a batch of mixed image sizes (one sample with two images), padded on
     either side, equals the eager computation, and so do the student's gradients."""
-    teacher_vlm, student_vlm = pairs(name)
+    teacher_vlm, student_vlm, _ = pairs(name)
     family = student_vlm.family
     batch = _batch(student_vlm.processor, MIXED, padding_side=padding)
     image_ids = family.image_token_ids(student_vlm.model.config)
@@ -179,7 +156,7 @@ def test_distillation_step_equals_eager(name, backend, padding, pairs):
 def test_exported_slices_match_output_attentions(name, pairs):
     """The visual slices the attention layers export, for a sample with twice the other's visual tokens,
     equal the eager attention maps at those rows and columns; padding entries are exactly 0."""
-    teacher_vlm, _ = pairs(name)
+    teacher_vlm, _, _ = pairs(name)
     family = teacher_vlm.family
     batch = _batch(teacher_vlm.processor, DOUBLED_ONEVISION if name == "llava_onevision" else DOUBLED)
     image_ids = family.image_token_ids(teacher_vlm.model.config)
@@ -210,7 +187,7 @@ def test_exported_slices_match_output_attentions(name, pairs):
 def test_pair_checks(name, pairs):
     """A batch whose image tokens the teacher reads differently is refused with the sample and position;
     TAF is fetched where both projectors are two-layer MLPs and refused clearly otherwise."""
-    teacher_vlm, student_vlm = pairs(name)
+    teacher_vlm, student_vlm, _ = pairs(name)
     batch = _batch(student_vlm.processor, MIXED)
     other = copy.deepcopy(teacher_vlm.model)
     field = FAMILIES[name].image_token_fields[0]
